@@ -1,0 +1,107 @@
+"""Retry middleware: run an event again, from the start, after a transient failure.
+
+Backoff is exponential with full jitter,
+``uniform(0, min(retry_max_delay, retry_delay * 2**n))``, driven by tenacity.
+The first attempt runs outside tenacity so that the common case, success, costs
+nothing; a failure is then replayed into tenacity as its first attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tenacity import RetryCallState, RetryError, Retrying, stop_after_attempt
+from tenacity.wait import wait_random_exponential
+
+from .errors import RetryExhaustedError
+from .transient import is_rolled_back, is_transient
+
+if TYPE_CHECKING:
+    from .pipeline import CallNext, Event
+
+__all__ = ["backoff", "retry_middleware", "should_retry"]
+
+logger = logging.getLogger("socketio_dbctx")
+
+
+def backoff(retry_delay: float, retry_max_delay: float) -> wait_random_exponential:
+    """The full-jitter exponential wait used for every retry."""
+    return wait_random_exponential(multiplier=retry_delay, max=retry_max_delay)
+
+
+def should_retry(exc: BaseException, *, phase: str, idempotent: bool) -> bool:
+    """Whether a failure of an event in ``phase`` may be retried.
+
+    A connection lost during COMMIT leaves the outcome unknown: only an
+    idempotent handler may run again. A serialization failure or deadlock means
+    the server rolled back, so it is safe at any phase.
+    """
+    if not is_transient(exc):
+        return False
+    return phase != "commit" or idempotent or is_rolled_back(exc)
+
+
+def _retry_predicate(state: RetryCallState) -> bool:
+    outcome = state.outcome
+    if outcome is None or not outcome.failed:
+        return False
+    event: Event = state.args[0]
+    exc = outcome.exception()
+    assert exc is not None
+    return should_retry(exc, phase=event.phase, idempotent=event.options.get("idempotent", False))
+
+
+def _before_sleep(state: RetryCallState) -> None:
+    event: Event = state.args[0]
+    exc = state.outcome.exception() if state.outcome else None
+    logger.warning(
+        "retrying %s for sid %s (attempt %d of %d) in %.3fs after %s: %s",
+        event.key,
+        event.sid,
+        state.attempt_number + 1,
+        state.args[2],
+        state.upcoming_sleep,
+        type(exc).__name__,
+        exc,
+    )
+    event.state.metrics.retried(event.key)
+
+
+def retry_middleware(event: Event, call_next: CallNext) -> Any:
+    """Run the rest of the chain again after a transient failure."""
+    options = event.options
+    max_retries = (
+        0 if options.get("no_retry") else options.get("max_retries", event.settings.max_retries)
+    )
+    try:
+        return call_next()
+    except Exception as exc:
+        if max_retries == 0 or not should_retry(
+            exc, phase=event.phase, idempotent=options.get("idempotent", False)
+        ):
+            raise
+        first = exc
+    retrying = Retrying(
+        stop=stop_after_attempt(max_retries + 1),
+        wait=backoff(
+            options.get("retry_delay", event.settings.retry_delay), event.settings.retry_max_delay
+        ),
+        retry=_retry_predicate,
+        before_sleep=_before_sleep,
+        sleep=event.sleep,
+    )
+    replay: list[BaseException] = [first]
+
+    def attempt(event: Event, call_next: CallNext, attempts: int) -> Any:
+        if replay:
+            raise replay.pop()
+        event.attempt += 1
+        return call_next()
+
+    try:
+        return retrying(attempt, event, call_next, max_retries + 1)
+    except RetryError as exhausted:
+        last = exhausted.last_attempt.exception()
+        assert last is not None
+    raise RetryExhaustedError(event.attempt, last) from last

@@ -1,0 +1,152 @@
+"""Where sessions come from: Flask-SQLAlchemy, or a plain SQLAlchemy session factory.
+
+A source hands out one fresh session per scope and takes it back at the end of the
+scope; it also names the engines whose pools the monitor reports on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Union
+
+from flask import Flask, current_app, has_app_context
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from .errors import ContextSetupError
+
+if TYPE_CHECKING:
+    from flask_sqlalchemy import SQLAlchemy
+
+__all__ = ["FlaskSQLAlchemySource", "SessionFactorySource", "SessionSource", "make_source"]
+
+SessionFactory = Union["sessionmaker[Any]", "scoped_session[Any]"]
+
+_NO_DB = (
+    "socketio_dbctx has no database to work with: call DBContext(app, socketio, db) "
+    "with your Flask-SQLAlchemy instance (or session_factory=a sessionmaker), "
+    "or initialise Flask-SQLAlchemy on the app (db.init_app(app)) before the first event"
+)
+
+
+class SessionSource:
+    """Interface of a session source."""
+
+    def open(self) -> tuple[Session, Any]:
+        """Open a fresh session for a scope (inside its fresh app context)."""
+        raise NotImplementedError
+
+    def close(self, session: Session, token: Any) -> None:
+        """Close the scope's session and restore whatever was there before."""
+        raise NotImplementedError
+
+    def engines(self, app: Flask) -> dict[str, Engine]:
+        """The engines of ``app`` by bind name, ``"default"`` first."""
+        raise NotImplementedError
+
+
+class FlaskSQLAlchemySource(SessionSource):
+    """Sessions from Flask-SQLAlchemy's ``db.session``, which is scoped to the app context.
+
+    A fresh app context therefore means a fresh session; ``db.session`` inside the
+    handler is the scope's session.
+
+    :param db: the ``SQLAlchemy`` instance; ``None`` looks up
+        ``app.extensions["sqlalchemy"]`` when first needed.
+    """
+
+    def __init__(self, db: SQLAlchemy | None) -> None:
+        self._db = db
+
+    def _resolve(self, app: Flask) -> SQLAlchemy:
+        db = self._db or app.extensions.get("sqlalchemy")
+        if db is None:
+            raise ContextSetupError(_NO_DB)
+        return db
+
+    def open(self) -> tuple[Session, Any]:
+        return self._resolve(current_app).session(), None
+
+    def close(self, session: Session, token: Any) -> None:
+        self._resolve(current_app).session.remove()
+
+    def engines(self, app: Flask) -> dict[str, Engine]:
+        db = self._resolve(app)
+        if has_app_context() and current_app._get_current_object() is app:  # type: ignore[attr-defined]
+            engines = db.engines
+        else:
+            with app.app_context():
+                engines = db.engines
+        return {("default" if key is None else key): engine for key, engine in engines.items()}
+
+
+class SessionFactorySource(SessionSource):
+    """Sessions from a plain SQLAlchemy ``sessionmaker`` or ``scoped_session``.
+
+    For a ``scoped_session`` the scope's session is installed in its registry for the
+    duration of the scope, so ``Session()`` and ``Session.add(...)`` in the handler
+    reach it; whatever the registry held before comes back afterwards.
+
+    :param factory: a ``sessionmaker`` or a ``scoped_session``.
+    """
+
+    def __init__(self, factory: SessionFactory) -> None:
+        if not isinstance(factory, (sessionmaker, scoped_session)):
+            raise ContextSetupError(
+                f"session_factory must be a sqlalchemy.orm.sessionmaker or scoped_session, "
+                f"got {type(factory).__name__}"
+            )
+        self._factory = factory
+
+    def open(self) -> tuple[Session, Any]:
+        factory = self._factory
+        if isinstance(factory, scoped_session):
+            registry = factory.registry
+            previous = registry() if registry.has() else None
+            session = factory.session_factory()
+            registry.set(session)
+            return session, previous
+        return factory(), None
+
+    def close(self, session: Session, token: Any) -> None:
+        try:
+            session.close()
+        finally:
+            factory = self._factory
+            if isinstance(factory, scoped_session):
+                if token is None:
+                    factory.registry.clear()
+                else:
+                    factory.registry.set(token)
+
+    def engines(self, app: Flask) -> dict[str, Engine]:
+        maker = (
+            self._factory.session_factory
+            if isinstance(self._factory, scoped_session)
+            else self._factory
+        )
+        found: dict[str, Engine] = {}
+        bind = maker.kw.get("bind")
+        if bind is not None:
+            found["default"] = _engine_of(bind)
+        for key, value in (maker.kw.get("binds") or {}).items():
+            name = getattr(key, "__name__", None) or getattr(key, "name", None) or str(key)
+            engine = _engine_of(value)
+            if engine not in found.values():
+                found.setdefault("default" if not found else name, engine)
+        return found
+
+
+def _engine_of(bind: Any) -> Engine:
+    return bind if isinstance(bind, Engine) else bind.engine
+
+
+def make_source(db: SQLAlchemy | None, session_factory: SessionFactory | None) -> SessionSource:
+    """Pick the session source for the given arguments.
+
+    :raises ContextSetupError: when both are given.
+    """
+    if db is not None and session_factory is not None:
+        raise ContextSetupError("give DBContext either db= or session_factory=, not both")
+    if session_factory is not None:
+        return SessionFactorySource(session_factory)
+    return FlaskSQLAlchemySource(db)
