@@ -1,0 +1,394 @@
+"""Per-event overhead of ``DBContextNamespace`` against a plain ``flask_socketio.Namespace``.
+
+Both namespaces live on one app and one ``SocketIO`` and have identical handlers:
+
+* ``noop``: ``return 1``;
+* ``pk``: ``db.session.get(Item, 1)`` returned as a small dict (Flask-SQLAlchemy).
+
+Events are driven through the namespaces' real dispatch path with Flask-SocketIO's
+test client on one thread (``client.emit(..., callback=True)`` runs
+``trigger_event -> _handle_event -> handler`` synchronously), so the numbers measure
+Python code, not network noise. That path includes Flask-SocketIO's own per-event
+request context, which is the honest baseline: with no outer app context, popping it
+pops its app context, whose teardown makes Flask-SQLAlchemy remove the plain
+handler's session. A hygiene check verifies that before anything is timed.
+
+Each (database, handler) pair runs interleaved A/B rounds: every round times N events
+of the plain namespace and N of ours, alternating which goes first. The table shows
+the per-event medians over the rounds, the median of the per-round ratios
+ours/plain, and the microseconds we add.
+
+Run from the repository root::
+
+    python benchmarks/overhead.py [--rounds 15] [--events 2000] [--quick]
+
+PostgreSQL: ``DBCTX_TEST_POSTGRES_URL`` (default
+``postgresql+psycopg2://postgres@127.0.0.1:5432/test``); the benchmark works in a
+schema of its own, dropped at the end. An unreachable server gives a "skipped" row.
+The exit code is always 0: this reports, it does not gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from flask import Flask, has_app_context
+from flask_socketio import Namespace, SocketIO
+from flask_sqlalchemy import SQLAlchemy
+
+from socketio_dbctx import DBContext, DBContextNamespace
+
+POSTGRES_URL = os.environ.get(
+    "DBCTX_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+
+#: Handler name -> (target ratio ours/plain, share of --events per round).
+HANDLERS: dict[str, tuple[float, float]] = {"no-op": (1.35, 1.0), "PK lookup": (1.10, 0.5)}
+EVENT_OF = {"no-op": "noop", "PK lookup": "pk"}
+
+PACKAGES = (
+    "socketio-dbctx",
+    "Flask",
+    "Flask-SocketIO",
+    "Flask-SQLAlchemy",
+    "SQLAlchemy",
+    "python-socketio",
+    "python-engineio",
+    "Werkzeug",
+    "tenacity",
+    "psycopg2-binary",
+)
+
+
+# -- the app under test -------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """One app with a plain and a dbctx namespace over the same database."""
+
+    app: Flask
+    db: SQLAlchemy
+    socketio: SocketIO
+    client: Any
+    probe_sessions: list[Any] = field(default_factory=list)
+
+    def emit(self, namespace: str, event: str) -> Any:
+        return self.client.emit(event, namespace=namespace, callback=True)
+
+    def pool_checked_out(self) -> int:
+        with self.app.app_context():
+            pool = self.db.engine.pool
+            return pool.checkedout() if hasattr(pool, "checkedout") else 0
+
+    def scoped_sessions_left(self) -> int:
+        """Sessions still held by Flask-SQLAlchemy's scoped_session registry."""
+        return len(self.db.session.registry.registry)
+
+    def close(self) -> None:
+        with self.app.app_context():
+            for engine in self.db.engines.values():
+                engine.dispose()
+
+
+def build(url: str) -> Bench:
+    app = Flask("overhead")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 5, "max_overflow": 10},
+    )
+    db = SQLAlchemy()
+    db.init_app(app)
+
+    class Item(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "bench_item"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String(40), nullable=False)
+        price = sa.Column(sa.Float, nullable=False)
+
+    with app.app_context():
+        db.create_all()
+        if db.session.get(Item, 1) is None:
+            db.session.add(Item(id=1, name="widget", price=9.5))
+            db.session.commit()
+
+    socketio = SocketIO(app, async_mode="threading")
+    DBContext(app, socketio, db)
+    probe_sessions: list[Any] = []
+
+    class Handlers:
+        """The handlers both namespaces run, byte for byte."""
+
+        def on_noop(self) -> int:
+            return 1
+
+        def on_pk(self) -> dict[str, Any]:
+            item = db.session.get(Item, 1)
+            return {"id": item.id, "name": item.name, "price": item.price}
+
+        def on_probe(self) -> bool:
+            # hygiene check only (never timed): keep the session object alive so that
+            # identities cannot be recycled, and take a connection
+            session = db.session()
+            probe_sessions.append(session)
+            return db.session.get(Item, 1) is not None
+
+    class Plain(Handlers, Namespace):  # type: ignore[misc]
+        pass
+
+    class Ours(Handlers, DBContextNamespace):
+        pass
+
+    socketio.on_namespace(Plain("/plain"))
+    socketio.on_namespace(Ours("/dbctx"))
+    client = socketio.test_client(app, namespace="/plain")
+    client.connect(namespace="/dbctx")
+    if not (client.is_connected("/plain") and client.is_connected("/dbctx")):
+        raise RuntimeError("the test client could not connect to both namespaces")
+    return Bench(app, db, socketio, client, probe_sessions)
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def hygiene(bench: Bench, events: int = 50) -> str:
+    """Verify that each variant gets a fresh session per event and leaks none."""
+    if has_app_context():
+        raise RuntimeError("an app context is active around the test client")
+    parts = []
+    for ns in ("/plain", "/dbctx"):
+        bench.probe_sessions.clear()
+        for _ in range(events):
+            if bench.emit(ns, "probe") is not True:
+                raise RuntimeError(f"{ns}: probe event failed")
+            left, out = bench.scoped_sessions_left(), bench.pool_checked_out()
+            if left or out:
+                raise RuntimeError(
+                    f"{ns}: after an event {left} session(s) stay in db.session's registry "
+                    f"and {out} connection(s) stay checked out"
+                )
+        distinct = len({id(s) for s in bench.probe_sessions})
+        if distinct != events:
+            raise RuntimeError(f"{ns}: {events} events shared {distinct} session(s)")
+        parts.append(f"{ns} {distinct}/{events} distinct sessions")
+        bench.probe_sessions.clear()
+    return ", ".join(parts) + "; 0 left in registry, 0 connections out after each event"
+
+
+def check_acks(bench: Bench, event: str) -> None:
+    plain, ours = bench.emit("/plain", event), bench.emit("/dbctx", event)
+    if plain != ours:
+        raise RuntimeError(f"{event}: acks differ: plain {plain!r}, dbctx {ours!r}")
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def time_block(emit: Callable[[str, str], Any], namespace: str, event: str, n: int) -> float:
+    """Microseconds per event over ``n`` events."""
+    start = time.perf_counter()
+    for _ in range(n):
+        emit(namespace, event)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+@dataclass
+class Result:
+    database: str
+    handler: str
+    plain: list[float] = field(default_factory=list)
+    ours: list[float] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def ratios(self) -> list[float]:
+        return [o / p for o, p in zip(self.ours, self.plain)]
+
+
+def measure(bench: Bench, database: str, handler: str, rounds: int, n: int) -> Result:
+    event = EVENT_OF[handler]
+    check_acks(bench, event)
+    emit = bench.emit
+    # warm-up: caches, the pool, SQLAlchemy's compiled statement cache, the CPU
+    warm = max(100, n // 4)
+    for ns in ("/plain", "/dbctx"):
+        time_block(emit, ns, event, warm)
+    result = Result(database, handler)
+    for r in range(rounds):
+        order = ("/plain", "/dbctx") if r % 2 == 0 else ("/dbctx", "/plain")
+        for ns in order:
+            gc.collect()
+            us = time_block(emit, ns, event, n)
+            (result.plain if ns == "/plain" else result.ours).append(us)
+        if bench.scoped_sessions_left() or bench.pool_checked_out():
+            raise RuntimeError(f"{database} {handler}: a session or connection leaked")
+    return result
+
+
+# -- databases ----------------------------------------------------------------------------
+
+
+def schema_url(url: str, schema: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def run_database(
+    database: str, url: str, rounds: int, events: int, notes: list[str]
+) -> list[Result]:
+    bench = build(url)
+    try:
+        notes.append(f"{database}: hygiene: {hygiene(bench)}")
+        results = []
+        for handler, (_, share) in HANDLERS.items():
+            n = max(1, int(events * share))
+            results.append(measure(bench, database, handler, rounds, n))
+            notes.append(f"{database}: {handler}: {rounds} rounds x {n} events per variant")
+        return results
+    finally:
+        bench.close()
+
+
+def run_sqlite(rounds: int, events: int, notes: list[str]) -> list[Result]:
+    with tempfile.TemporaryDirectory(prefix="dbctx-bench-") as tmp:
+        return run_database(
+            "SQLite", f"sqlite:///{tmp}/overhead.db", rounds, events, notes
+        )
+
+
+def run_postgres(rounds: int, events: int, notes: list[str]) -> list[Result]:
+    admin = sa.create_engine(
+        POSTGRES_URL, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 3}
+    )
+    safe_url = admin.url.render_as_string(hide_password=True)
+    try:
+        with admin.connect() as conn:
+            version = conn.exec_driver_sql("SHOW server_version").scalar()
+    except Exception as exc:
+        admin.dispose()
+        reason = f"PostgreSQL unreachable at {safe_url} ({type(exc).__name__}: {exc})"
+        reason = " ".join(reason.split())
+        return [Result("PostgreSQL", h, skipped=reason) for h in HANDLERS]
+    notes.append(f"PostgreSQL: server {version} at {safe_url}")
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        return run_database(
+            "PostgreSQL", schema_url(POSTGRES_URL, schema), rounds, events, notes
+        )
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+        notes.append(f"PostgreSQL: schema {schema} dropped")
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def header(rounds: int, events: int) -> None:
+    print("# socketio_dbctx per-event overhead\n")
+    print(f"- Python {platform.python_version()} ({platform.python_implementation()})")
+    print(f"- platform: {platform.platform()}; machine {platform.machine()}; {os.cpu_count()} CPUs")
+    print(f"- SQLite library {sqlite3.sqlite_version}")
+    versions = []
+    for name in PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    print(f"- packages: {', '.join(versions)}")
+    print(
+        f"- method: Flask-SocketIO test client, one thread, async_mode=threading; "
+        f"{rounds} interleaved A/B rounds; --events {events} (no-op: all, PK lookup: half)"
+    )
+    print()
+
+
+def table(results: list[Result]) -> None:
+    print(
+        "| database | handler | plain µs/event | dbctx µs/event | ratio (median of rounds) "
+        "| added µs | target | pass |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        target = HANDLERS[r.handler][0]
+        if r.skipped:
+            print(f"| {r.database} | {r.handler} | skipped: {r.skipped} | | | | <= {target:.2f}x | |")
+            continue
+        plain, ours = statistics.median(r.plain), statistics.median(r.ours)
+        ratio = statistics.median(r.ratios)
+        verdict = "yes" if ratio <= target else "**no**"
+        print(
+            f"| {r.database} | {r.handler} | {plain:.1f} | {ours:.1f} | {ratio:.3f}x "
+            f"| {ours - plain:+.1f} | <= {target:.2f}x | {verdict} |"
+        )
+    print()
+    for r in results:
+        if not r.skipped:
+            ratios = r.ratios
+            print(
+                f"- {r.database} {r.handler}: round ratios {min(ratios):.3f}..{max(ratios):.3f}; "
+                f"plain {min(r.plain):.1f}..{max(r.plain):.1f} µs, "
+                f"dbctx {min(r.ours):.1f}..{max(r.ours):.1f} µs"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=None, help="A/B rounds (default 15)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="no-op events per variant per round; the PK lookup runs half (default 2000)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 5 rounds, 400 events"
+    )
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (5 if args.quick else 15)
+    events = args.events or (400 if args.quick else 2000)
+    if rounds < 1 or events < 1:
+        parser.error("--rounds and --events must be >= 1")
+
+    header(rounds, events)
+    started = time.perf_counter()
+    notes: list[str] = []
+    results: list[Result] = []
+    for name, runner in (("SQLite", run_sqlite), ("PostgreSQL", run_postgres)):
+        try:
+            results.extend(runner(rounds, events, notes))
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            results.extend(Result(name, h, skipped=reason) for h in HANDLERS)
+    table(results)
+    for note in notes:
+        print(f"- {note}")
+    print(f"\ntotal time {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as exc:  # argparse errors and --help
+        if exc.code not in (0, None):
+            print(f"overhead.py: exit code {exc.code} suppressed", file=sys.stderr)
+    sys.exit(0)
