@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -14,11 +15,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import context
+from .admission import ProcessLimit
 from .config import Settings, load_settings
 from .errors import ContextSetupError
 from .health import health_check
 from .metrics import EventMetrics
-from .pool import PoolTracker, pool_status, worst_status
+from .pool import PoolTracker, pool_capacity, pool_status, worst_status
 from .sessions import SessionFactory, SessionSource, make_source
 from .tasks import PeriodicTask, spawn
 
@@ -52,7 +54,28 @@ class AppState:
         self.socketio = socketio
         self.metrics = EventMetrics()
         self.tracker = PoolTracker(_describe_checkout)
-        self.waiting = 0
+        self._process_limit: ProcessLimit | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        """Events waiting for admission right now."""
+        return self._process_limit.waiting if self._process_limit else 0
+
+    def process_limit(self, app: Flask, async_mode: str | None) -> ProcessLimit:
+        """The app's process-wide admission limit, made on first use.
+
+        ``DBCTX_MAX_CONCURRENT_EVENTS=None`` means the default engine's pool capacity.
+        """
+        if self._process_limit is None:
+            with self._lock:
+                if self._process_limit is None:
+                    limit = self.settings.max_concurrent_events
+                    if limit is None:
+                        default = self.engines(app).get("default")
+                        limit = pool_capacity(default) if default is not None else None
+                    self._process_limit = ProcessLimit(async_mode, limit)
+        return self._process_limit
 
     def sleep(self, seconds: float) -> None:
         """Sleep the async mode's way."""

@@ -14,6 +14,7 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy.orm import Session
 
 from .acks import error_payload, log_failure
+from .admission import Admission
 from .config import Settings
 from .context import commit, open_scope, require_session
 from .decorators import handler_options
@@ -38,6 +39,7 @@ NAMESPACE_SETTINGS = (
 )
 
 _BUILTIN: tuple[Middleware, ...] = (metrics_middleware, retry_middleware, transaction_middleware)
+# Never held back by admission: a full pool must not stop clients from connecting.
 _LIFECYCLE = ("connect", "disconnect")
 
 
@@ -82,12 +84,22 @@ class _Handler:
 
 
 class _Runtime:
-    __slots__ = ("chain", "settings", "state")
+    """One namespace's settings and middleware chains in one app."""
 
-    def __init__(self, state: AppState, settings: Settings, chain: tuple[Middleware, ...]) -> None:
+    __slots__ = ("admission", "chain", "lifecycle_chain", "settings", "state")
+
+    def __init__(
+        self,
+        state: AppState,
+        settings: Settings,
+        admission: Admission,
+        extra: Sequence[Middleware],
+    ) -> None:
         self.state = state
         self.settings = settings
-        self.chain = chain
+        self.admission = admission
+        self.lifecycle_chain = (*_BUILTIN, *extra)
+        self.chain = (admission.middleware, *self.lifecycle_chain)
 
 
 class DBContextNamespace(Namespace):  # type: ignore[misc]
@@ -140,8 +152,12 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
             state = app_state(app, self.socketio)
             overrides = {name: getattr(self, name) for name in NAMESPACE_SETTINGS}
             settings = state.settings.override(overrides)
-            chain = (*_BUILTIN, *self.extra_middleware)
-            runtime = self._dbctx_runtimes[app] = _Runtime(state, settings, chain)
+            process = state.process_limit(app, self.socketio.server.async_mode)
+            admission = Admission(
+                process, settings.max_in_flight_per_client, settings.queue_timeout
+            )
+            runtime = _Runtime(state, settings, admission, self.extra_middleware)
+            self._dbctx_runtimes[app] = runtime
         return runtime
 
     def _dbctx_handler(self, event: str, handler: Callable[..., Any]) -> _Handler:
@@ -173,7 +189,8 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
             sleep=self.socketio.sleep,
         )
         try:
-            result = run_chain(runtime.chain, event, info)
+            chain = runtime.lifecycle_chain if name in _LIFECYCLE else runtime.chain
+            result = run_chain(chain, event, info)
         except (ConnectionRefusedError, SocketIORefused):
             if name != "connect":
                 raise

@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import AssertionPool, NullPool, Pool, QueuePool, StaticPool
 
-__all__ = ["Checkout", "PoolTracker", "pool_status", "worst_status"]
+__all__ = ["Checkout", "PoolTracker", "pool_capacity", "pool_status", "worst_status"]
 
 _STATUS_ORDER = ("healthy", "unknown", "warning", "exhausted")
 
@@ -85,6 +85,14 @@ def _limits(pool: Pool) -> tuple[int | None, int | None, float | None]:
     return size, -1 if size is not None else None, None
 
 
+def pool_capacity(engine: Engine) -> int | None:
+    """``pool_size + max_overflow``, or ``None`` for a pool without a bound."""
+    size, max_overflow, _ = _limits(engine.pool)
+    if size is None or max_overflow is None or max_overflow < 0:
+        return None
+    return size + max_overflow
+
+
 def pool_status(
     engine: Engine,
     bind: str,
@@ -113,9 +121,7 @@ def pool_status(
         checked_out = len(checkouts)
         checked_in = pool.checkedin() if hasattr(pool, "checkedin") else 0
         overflow = 0
-    capacity = size + max_overflow if size is not None and max_overflow is not None else None
-    if max_overflow is not None and max_overflow < 0:
-        capacity = None
+    capacity = pool_capacity(engine)
     utilization = round(checked_out / capacity, 4) if capacity else 0.0
     now = time.monotonic()
     long_held = (
