@@ -111,10 +111,13 @@ def commit(scope: Scope) -> None:
 
 @contextmanager
 def session_scope(
-    app: Flask, source: SessionSource, *, commit_on_success: bool = True
+    app: Flask, source: SessionSource, *, commit_on_success: bool = True, label: str = "scope"
 ) -> Iterator[Session]:
-    """Sync scope for code outside Socket.IO events; yields the session."""
-    with open_scope(app, source, label="scope") as scope:
+    """Sync scope for code outside Socket.IO events; yields the session.
+
+    :param label: names the scope in leak reports (e.g. ``"task:refresh_prices"``).
+    """
+    with open_scope(app, source, label=label) as scope:
         yield scope.session
         if commit_on_success:
             commit(scope)

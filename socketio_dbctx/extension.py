@@ -19,8 +19,9 @@ from .admission import ProcessLimit
 from .config import Settings, load_settings
 from .errors import ContextSetupError
 from .health import health_check
+from .leaks import LeakWatchdog, PoolTracker
 from .metrics import EventMetrics
-from .pool import PoolTracker, pool_capacity, pool_status, worst_status
+from .pool import pool_capacity, pool_status, worst_status
 from .sessions import SessionFactory, SessionSource, make_source
 from .tasks import PeriodicTask, spawn
 
@@ -35,12 +36,11 @@ logger = logging.getLogger("socketio_dbctx")
 T = TypeVar("T")
 
 
-def _describe_checkout() -> tuple[str | None, str | None, str | None]:
+def _describe_checkout() -> tuple[str | None, str | None]:
     scope = context.current_scope()
     if scope is None:
-        return None, None, None
-    sid = scope.event.sid if scope.event is not None else None
-    return scope.label, sid, None
+        return None, None
+    return scope.label, scope.event.sid if scope.event is not None else None
 
 
 class AppState:
@@ -53,7 +53,9 @@ class AppState:
         self.source = source
         self.socketio = socketio
         self.metrics = EventMetrics()
-        self.tracker = PoolTracker(_describe_checkout)
+        self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
+        self._watchdog: LeakWatchdog | None = None
+        self._tracking = False
         self._process_limit: ProcessLimit | None = None
         self._lock = threading.Lock()
 
@@ -84,11 +86,20 @@ class AppState:
         else:
             time.sleep(seconds)
 
+    def track(self, app: Flask) -> None:
+        """Make sure the leak tracker follows ``app``'s engines (cheap after the first call)."""
+        if not self._tracking:
+            self.engines(app)
+            self._tracking = True
+
     def engines(self, app: Flask) -> dict[str, Engine]:
         """The app's engines by bind name, each followed by the checkout tracker."""
         engines = self.source.engines(app)
         for engine in engines.values():
-            self.tracker.attach(engine)
+            if self.tracker.attach(engine) and self.settings.leak_threshold and not self._watchdog:
+                self._watchdog = LeakWatchdog(
+                    self.tracker, lambda target: spawn(self.socketio, target), self.sleep
+                )
         return engines
 
     def pool_statuses(self, app: Flask) -> dict[str, dict[str, Any]]:
@@ -225,6 +236,7 @@ class DBContext:
         always removed. Yields the session."""
         app = self._app()
         state = self._state(app)
+        state.track(app)
         with context.session_scope(
             app, state.source, commit_on_success=state.settings.commit_on_success
         ) as session:
@@ -240,11 +252,17 @@ class DBContext:
         scope; an exception is logged with its traceback."""
         app = self._app()
         state = self._state(app)
+        state.track(app)
+
+        label = f"task:{getattr(func, '__name__', 'task')}"
 
         def task() -> None:
             try:
                 with context.session_scope(
-                    app, state.source, commit_on_success=state.settings.commit_on_success
+                    app,
+                    state.source,
+                    commit_on_success=state.settings.commit_on_success,
+                    label=label,
                 ):
                     func(*args, **kwargs)
             except Exception:
@@ -271,10 +289,13 @@ class DBContext:
             raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
         app = self._app()
         state = self._state(app)
+        state.track(app)
+
+        label = f"periodic:{getattr(func, '__name__', 'task')}"
 
         def run_once() -> None:
             with context.session_scope(
-                app, state.source, commit_on_success=state.settings.commit_on_success
+                app, state.source, commit_on_success=state.settings.commit_on_success, label=label
             ):
                 func(*args, **kwargs)
 

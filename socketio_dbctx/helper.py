@@ -25,7 +25,8 @@ from .context import async_scope, session_scope
 from .errors import RetryExhaustedError
 from .extension import DBContext
 from .health import health_check
-from .pool import PoolTracker, pool_status
+from .leaks import PoolTracker
+from .pool import pool_status
 from .retry import backoff
 from .sessions import FlaskSQLAlchemySource
 from .transient import is_transient
@@ -69,7 +70,7 @@ class WebSocketContextHelper:
         state = ext._state(app) if isinstance(ext, DBContext) and db is None else None
         self._source = state.source if state else FlaskSQLAlchemySource(db)
         self._settings = state.settings if state else load_settings(app.config, {})
-        self._tracker = state.tracker if state else PoolTracker(lambda: (None, None, None))
+        self._tracker = state.tracker if state else PoolTracker(lambda: (None, None))
 
     # -- running code ---------------------------------------------------------------
 

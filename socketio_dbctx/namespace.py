@@ -150,6 +150,7 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
         runtime = self._dbctx_runtimes.get(app)
         if runtime is None:
             state = app_state(app, self.socketio)
+            state.track(app)
             overrides = {name: getattr(self, name) for name in NAMESPACE_SETTINGS}
             settings = state.settings.override(overrides)
             process = state.process_limit(app, self.socketio.server.async_mode)

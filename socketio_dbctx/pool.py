@@ -1,78 +1,23 @@
-"""Pool statistics: the pool dict of DESIGN section 5, and a checkout tracker.
+"""Pool statistics: the pool dict of DESIGN section 5.
 
-The tracker listens to each engine's pool ``checkout``/``checkin`` events, so it
-knows how many connections are out for pools that do not count them themselves
-(``NullPool``, ``SingletonThreadPool``) and how long each one has been out.
+``QueuePool`` counts its own connections; for other pools the number checked out
+comes from the :class:`~socketio_dbctx.leaks.PoolTracker`.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import AssertionPool, NullPool, Pool, QueuePool, StaticPool
 
-__all__ = ["Checkout", "PoolTracker", "pool_capacity", "pool_status", "worst_status"]
+if TYPE_CHECKING:
+    from .leaks import Checkout
+
+__all__ = ["pool_capacity", "pool_status", "worst_status"]
 
 _STATUS_ORDER = ("healthy", "unknown", "warning", "exhausted")
-
-
-@dataclass
-class Checkout:
-    """One connection currently checked out of a pool."""
-
-    since: float
-    label: str | None
-    sid: str | None
-    stack: str | None = None
-    reported: bool = False
-
-
-@dataclass
-class _PoolRecord:
-    checkouts: dict[int, Checkout] = field(default_factory=dict)
-
-
-class PoolTracker:
-    """Follows checkouts of the engines it is attached to.
-
-    :param describe: returns ``(label, sid, stack)`` for a checkout happening now.
-    """
-
-    def __init__(self, describe: Callable[[], tuple[str | None, str | None, str | None]]) -> None:
-        self._describe = describe
-        self._records: weakref.WeakKeyDictionary[Pool, _PoolRecord] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    def attach(self, engine: Engine) -> None:
-        """Start following ``engine``'s pool (once; later calls do nothing)."""
-        pool = engine.pool
-        with self._lock:
-            if pool in self._records:
-                return
-            record = self._records[pool] = _PoolRecord()
-        checkouts = record.checkouts
-        describe = self._describe
-
-        def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
-            label, sid, stack = describe()
-            checkouts[id(rec)] = Checkout(time.monotonic(), label, sid, stack)
-
-        def on_checkin(dbapi_conn: Any, rec: Any) -> None:
-            checkouts.pop(id(rec), None)
-
-        event.listen(pool, "checkout", on_checkout)
-        event.listen(pool, "checkin", on_checkin)
-
-    def checkouts(self, engine: Engine) -> list[Checkout]:
-        """The connections of ``engine`` checked out now (a snapshot)."""
-        record = self._records.get(engine.pool)
-        return list(record.checkouts.values()) if record else []
 
 
 def _limits(pool: Pool) -> tuple[int | None, int | None, float | None]:
