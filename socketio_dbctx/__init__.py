@@ -26,6 +26,7 @@ from .errors import (
 )
 from .extension import DBContext
 from .helper import WebSocketContextHelper
+from .monitor import MonitorNamespace
 from .namespace import DBContextNamespace
 from .pipeline import Event
 from .tasks import PeriodicTask
@@ -41,6 +42,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "Event",
     "InvalidRequestError",
+    "MonitorNamespace",
     "PeriodicTask",
     "RetryExhaustedError",
     "WebSocketContextError",

@@ -21,6 +21,7 @@ from .errors import ContextSetupError
 from .health import health_check
 from .leaks import LeakWatchdog, PoolTracker
 from .metrics import EventMetrics
+from .monitor import MonitorNamespace
 from .pool import pool_capacity, pool_status, worst_status
 from .sessions import SessionFactory, SessionSource, make_source
 from .tasks import PeriodicTask, spawn
@@ -56,6 +57,8 @@ class AppState:
         self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
         self._watchdog: LeakWatchdog | None = None
         self._tracking = False
+        #: the cluster view (several workers on a Redis message queue), when enabled
+        self.cluster: Any = None
         self._process_limit: ProcessLimit | None = None
         self._lock = threading.Lock()
 
@@ -195,9 +198,17 @@ class DBContext:
         settings = load_settings(app.config, {**self.options, **options})
         factory = session_factory or (None if db else self.session_factory)
         source = make_source(db or (None if factory else self.db), factory)
-        state = AppState(settings, source, socketio or self.socketio)
+        socketio = socketio or self.socketio
+        state = AppState(settings, source, socketio)
         self._states[app] = state
         app.extensions["dbctx"] = self
+        if socketio is not None and settings.monitor_auth is not None:
+            if settings.monitor_auth is False:
+                logger.warning(
+                    "DBCTX_MONITOR_AUTH is False: %s is open to anyone who can connect",
+                    settings.monitor_namespace,
+                )
+            socketio.on_namespace(MonitorNamespace(settings.monitor_namespace))
 
     # -- app resolution -------------------------------------------------------------
 

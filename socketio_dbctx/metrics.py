@@ -1,36 +1,65 @@
-"""Per-event counters and latency percentiles over a sliding window.
+"""Per-event counters, latency percentiles over a sliding window, and a histogram.
 
-Recording is O(1) and memory is bounded: each event name keeps its last
-:data:`WINDOW` durations; percentiles are computed when somebody reads them.
+Recording is O(1) and memory is bounded: each event keeps its last :data:`WINDOW`
+durations for the percentiles (computed when somebody reads them) and cumulative
+counts over fixed :data:`BUCKETS` for Prometheus.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections import deque
 from typing import Any
 
-__all__ = ["WINDOW", "EventMetrics"]
+__all__ = ["BUCKETS", "WINDOW", "EventMetrics", "EventStats"]
 
-#: Durations kept per event name for the percentiles.
+#: Durations kept per event for the percentiles.
 WINDOW = 1024
 
+#: Upper bounds (seconds) of the duration histogram, as Prometheus' defaults.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
-class _Stats:
-    __slots__ = ("busy", "count", "durations", "errors", "in_flight", "retries")
 
-    def __init__(self) -> None:
+class EventStats:
+    """Counters of one ``namespace:event``."""
+
+    __slots__ = (
+        "buckets",
+        "busy",
+        "count",
+        "durations",
+        "errors",
+        "event",
+        "in_flight",
+        "namespace",
+        "retries",
+        "total_seconds",
+    )
+
+    def __init__(self, namespace: str, event: str) -> None:
+        self.namespace = namespace
+        self.event = event
         self.count = 0
         self.errors = 0
         self.retries = 0
         self.busy = 0
         self.in_flight = 0
+        self.total_seconds = 0.0
+        self.buckets = [0] * (len(BUCKETS) + 1)  # last one: +Inf
         self.durations: deque[float] = deque(maxlen=WINDOW)
+
+    def copy(self) -> EventStats:
+        clone = EventStats(self.namespace, self.event)
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(clone, name, list(value) if isinstance(value, (list, deque)) else value)
+        return clone
 
 
 def _percentile(ordered: list[float], q: float) -> float:
-    # nearest-rank on the sorted window
+    # nearest rank on the sorted window
     index = max(0, math.ceil(q * len(ordered)) - 1)
     return round(ordered[index] * 1000.0, 3)
 
@@ -39,20 +68,21 @@ class EventMetrics:
     """Counters per ``"namespace:event"`` key, safe to update from many threads."""
 
     def __init__(self) -> None:
-        self._stats: dict[str, _Stats] = {}
+        self._stats: dict[str, EventStats] = {}
         self._lock = threading.Lock()
         self.retries_total = 0
+        self.pool_timeouts = 0
 
-    def _get(self, key: str) -> _Stats:
+    def _get(self, key: str, namespace: str, event: str) -> EventStats:
         stats = self._stats.get(key)
         if stats is None:
             with self._lock:
-                stats = self._stats.setdefault(key, _Stats())
+                stats = self._stats.setdefault(key, EventStats(namespace, event))
         return stats
 
-    def started(self, key: str) -> None:
+    def started(self, key: str, namespace: str, event: str) -> None:
         """An event began running."""
-        stats = self._get(key)
+        stats = self._get(key, namespace, event)
         with self._lock:
             stats.in_flight += 1
 
@@ -61,7 +91,8 @@ class EventMetrics:
 
         :param outcome: ``"ok"``, ``"error"`` or ``"busy"``.
         """
-        stats = self._get(key)
+        stats = self._stats[key]
+        slot = bisect.bisect_left(BUCKETS, seconds)
         with self._lock:
             stats.in_flight -= 1
             stats.count += 1
@@ -70,30 +101,37 @@ class EventMetrics:
             elif outcome != "ok":
                 stats.errors += 1
             stats.durations.append(seconds)
+            stats.total_seconds += seconds
+            stats.buckets[slot] += 1
 
     def retried(self, key: str) -> None:
         """An event is about to run again after a transient failure."""
-        stats = self._get(key)
+        stats = self._stats[key]
         with self._lock:
             stats.retries += 1
             self.retries_total += 1
 
+    def pool_timeout(self) -> None:
+        """A pool checkout timed out inside an event."""
+        with self._lock:
+            self.pool_timeouts += 1
+
+    def stats(self) -> list[EventStats]:
+        """Consistent copies of every event's counters."""
+        with self._lock:
+            return [s.copy() for s in self._stats.values()]
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """The ``events`` mapping of the monitor payload."""
-        with self._lock:
-            items = [
-                (key, s.count, s.errors, s.retries, s.busy, s.in_flight, list(s.durations))
-                for key, s in self._stats.items()
-            ]
         result: dict[str, dict[str, Any]] = {}
-        for key, count, errors, retries, busy, in_flight, durations in items:
-            durations.sort()
-            result[key] = {
-                "count": count,
-                "errors": errors,
-                "retries": retries,
-                "busy": busy,
-                "in_flight": in_flight,
+        for s in self.stats():
+            durations = sorted(s.durations)
+            result[f"{s.namespace}:{s.event}"] = {
+                "count": s.count,
+                "errors": s.errors,
+                "retries": s.retries,
+                "busy": s.busy,
+                "in_flight": s.in_flight,
                 "p50_ms": _percentile(durations, 0.50) if durations else None,
                 "p95_ms": _percentile(durations, 0.95) if durations else None,
                 "p99_ms": _percentile(durations, 0.99) if durations else None,

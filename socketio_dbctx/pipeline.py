@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
+from sqlalchemy import exc as sa_exc
+
 from .context import commit, open_scope
 from .transient import error_code
 
@@ -105,7 +107,7 @@ def metrics_middleware(event: Event, call_next: CallNext) -> Any:
     """Count the event and time it, retries included."""
     metrics = event.state.metrics
     key = event.key
-    metrics.started(key)
+    metrics.started(key, event.namespace, event.name)
     start = time.perf_counter()
     outcome = "error"
     try:
@@ -113,7 +115,10 @@ def metrics_middleware(event: Event, call_next: CallNext) -> Any:
         outcome = "ok"
         return result
     except Exception as exc:
-        outcome = "busy" if error_code(exc) == "busy" else "error"
+        if error_code(exc) == "busy":
+            outcome = "busy"
+            if isinstance(exc, sa_exc.TimeoutError):
+                metrics.pool_timeout()
         raise
     finally:
         metrics.finished(key, time.perf_counter() - start, outcome)

@@ -1,0 +1,226 @@
+"""The ``/monitor`` namespace: live pool statistics for dashboards.
+
+A subscriber authenticates with ``auth={"token": ...}`` (or whatever a callable
+``DBCTX_MONITOR_AUTH`` accepts), receives one ``pool_status`` at once, then one
+every ``DBCTX_MONITOR_INTERVAL`` seconds while it stays connected. One loop per
+process does the pushing, and only while somebody listens. The namespace touches
+no pooled connection for its own bookkeeping and is never held back by admission,
+so it keeps answering when the pool is full.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, current_app, request
+from flask_socketio import Namespace
+
+from .acks import error_payload
+from .config import Settings
+from .errors import BusyError, InvalidRequestError
+from .pool import worst_status
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+__all__ = ["MonitorNamespace", "check_auth", "snapshot", "worker_id"]
+
+logger = logging.getLogger("socketio_dbctx")
+
+
+def worker_id() -> str:
+    """``hostname:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def snapshot(app: Flask, state: AppState) -> dict[str, Any]:
+    """The monitor payload of DESIGN section 6 for ``app`` in this process."""
+    pools = state.pool_statuses(app)
+    return {
+        "worker": worker_id(),
+        "timestamp": time.time(),
+        "status": worst_status([p["status"] for p in pools.values()]),
+        "pools": pools,
+        "events": state.metrics.snapshot(),
+        "leaks": state.tracker.scan(),
+    }
+
+
+def check_auth(setting: Any, auth: Any) -> bool:
+    """Whether a client's ``auth`` payload passes ``DBCTX_MONITOR_AUTH``.
+
+    A token is compared in constant time; a callable decides itself (an exception
+    counts as no); ``False`` lets everybody in.
+    """
+    if setting is False:
+        return True
+    if isinstance(setting, str):
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if not isinstance(token, str):
+            return False
+        return hmac.compare_digest(token.encode("utf-8"), setting.encode("utf-8"))
+    if callable(setting):
+        try:
+            return bool(setting(auth if isinstance(auth, dict) else {}))
+        except Exception:
+            logger.exception("DBCTX_MONITOR_AUTH callable raised; refusing the client")
+            return False
+    return False
+
+
+def _sid() -> str:
+    # Flask-SocketIO sets request.sid on its per-event request context
+    sid: str = getattr(request, "sid")  # noqa: B009 - unknown to type checkers
+    return sid
+
+
+class _Bucket:
+    """Token bucket for one client's ``get_status``/``health`` calls."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, capacity: float) -> None:
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+
+class MonitorNamespace(Namespace):  # type: ignore[misc]
+    """Streams ``pool_status`` to authenticated subscribers.
+
+    Client events: ``get_status`` (optionally ``{"scope": "cluster"}``) and
+    ``health``, each acked, and limited to :attr:`rate` calls per second per client.
+
+    :param namespace: usually ``DBCTX_MONITOR_NAMESPACE``.
+    """
+
+    #: calls of ``get_status``/``health`` per second and client (burst: the same).
+    rate = 5.0
+
+    def __init__(self, namespace: str = "/monitor") -> None:
+        super().__init__(namespace)
+        self._subscribers: dict[str, Flask] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+        self._loop_running = False
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _state(self) -> tuple[Flask, AppState]:
+        from .extension import app_state
+
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        return app, app_state(app, self.socketio)
+
+    def _settings(self) -> Settings:
+        return self._state()[1].settings
+
+    def _allow(self, sid: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.setdefault(sid, _Bucket(self.rate))
+            bucket.tokens = min(self.rate, bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+            if bucket.tokens < 1:
+                return False
+            bucket.tokens -= 1
+            return True
+
+    def _emit_to(self, sid: str, payload: dict[str, Any]) -> None:
+        # ignore_queue: a push is for this worker's own subscriber only, never via the queue
+        self.socketio.emit(
+            "pool_status", payload, to=sid, namespace=self.namespace, ignore_queue=True
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def on_connect(self, auth: Any = None) -> bool:
+        app, state = self._state()
+        if not check_auth(state.settings.monitor_auth, auth):
+            logger.warning("monitor connection refused for sid %s", _sid())
+            return False
+        sid = _sid()
+        with self._lock:
+            self._subscribers[sid] = app
+            start = not self._loop_running
+            self._loop_running = True
+        self._emit_to(sid, snapshot(app, state))
+        if start:
+            self.socketio.start_background_task(self._loop, state.settings.monitor_interval)
+        return True
+
+    def on_disconnect(self, reason: Any = None) -> None:
+        with self._lock:
+            self._subscribers.pop(_sid(), None)
+            self._buckets.pop(_sid(), None)
+
+    def _loop(self, interval: float) -> None:
+        """Push a snapshot to every local subscriber each interval; end with the last."""
+        try:
+            while True:
+                self.socketio.sleep(interval)
+                with self._lock:
+                    subscribers = dict(self._subscribers)
+                    if not subscribers:
+                        self._loop_running = False
+                        return
+                payloads: dict[int, dict[str, Any]] = {}
+                for sid, app in subscribers.items():
+                    try:
+                        payload = payloads.get(id(app))
+                        if payload is None:
+                            from .extension import app_state
+
+                            payload = payloads[id(app)] = snapshot(
+                                app, app_state(app, self.socketio)
+                            )
+                        self._emit_to(sid, payload)
+                    except Exception:
+                        logger.exception("monitor push to %s failed", sid)
+        except BaseException:
+            with self._lock:
+                self._loop_running = False
+            raise
+
+    @property
+    def subscribers(self) -> int:
+        """How many clients of this process are subscribed."""
+        return len(self._subscribers)
+
+    @property
+    def loop_running(self) -> bool:
+        """Whether the push loop of this process is running."""
+        return self._loop_running
+
+    # -- client events ------------------------------------------------------------------
+
+    def on_get_status(self, data: Any = None) -> dict[str, Any]:
+        app, state = self._state()
+        if not self._allow(_sid()):
+            return error_payload(BusyError("too many monitor calls"), expose=False)
+        if data is not None and data != {} and data != {"scope": "local"}:
+            if isinstance(data, dict) and data.get("scope") == "cluster":
+                if state.cluster is not None:
+                    return state.cluster.payload()  # type: ignore[no-any-return]
+                return error_payload(
+                    InvalidRequestError("the cluster view needs a Redis message queue"),
+                    expose=False,
+                )
+            return error_payload(
+                InvalidRequestError("get_status takes nothing or {'scope': 'cluster'}"),
+                expose=False,
+            )
+        return snapshot(app, state)
+
+    def on_health(self, data: Any = None) -> dict[str, Any]:
+        if not self._allow(_sid()):
+            return error_payload(BusyError("too many monitor calls"), expose=False)
+        dbctx = current_app.extensions.get("dbctx")
+        if dbctx is None:
+            return {"healthy": False, "latency_ms": 0.0, "error": "DBContext is not registered"}
+        return dbctx.health_check()  # type: ignore[no-any-return]

@@ -1,0 +1,142 @@
+"""Prometheus export (extra ``prometheus``): a collector read at scrape time.
+
+Pool metrics follow the OpenTelemetry database-client conventions in Prometheus
+form; event metrics are this package's own::
+
+    db_client_connection_count{pool_name, state="idle"|"used"}
+    db_client_connection_max{pool_name}
+    db_client_connection_pending_requests{pool_name}
+    db_client_connection_timeouts_total{pool_name}
+    socketio_dbctx_events_total{namespace, event, outcome}
+    socketio_dbctx_event_duration_seconds{namespace, event}     (histogram)
+    socketio_dbctx_retries_total
+    socketio_dbctx_leaks_total
+
+Usage::
+
+    from socketio_dbctx.prometheus import register, metrics_response
+    register(dbctx, app)
+    app.add_url_rule("/metrics", "metrics", metrics_response)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "socketio_dbctx.prometheus needs prometheus_client: "
+        "pip install 'socketio-dbctx[prometheus]'"
+    ) from exc
+
+from .metrics import BUCKETS
+
+if TYPE_CHECKING:
+    from .extension import DBContext
+
+__all__ = ["DBContextCollector", "metrics_response", "register"]
+
+
+class DBContextCollector:
+    """Reads one app's pool dicts and event metrics whenever Prometheus scrapes.
+
+    :param dbctx: the extension.
+    :param app: the app whose numbers to export.
+    """
+
+    def __init__(self, dbctx: DBContext, app: Flask) -> None:
+        self._state = dbctx._state(app)
+        self._app = app
+
+    def describe(self) -> list[Metric]:
+        # Describing without collecting keeps registration free of database calls.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state
+        pools = state.pool_statuses(self._app)
+        count = GaugeMetricFamily(
+            "db_client_connection_count",
+            "Connections in the pool by state.",
+            labels=["pool_name", "state"],
+        )
+        maximum = GaugeMetricFamily(
+            "db_client_connection_max", "Most connections the pool allows.", labels=["pool_name"]
+        )
+        pending = GaugeMetricFamily(
+            "db_client_connection_pending_requests",
+            "Events waiting for admission or a connection.",
+            labels=["pool_name"],
+        )
+        timeouts = CounterMetricFamily(
+            "db_client_connection_timeouts",
+            "Pool checkouts that timed out inside Socket.IO events.",
+            labels=["pool_name"],
+        )
+        for name, pool in pools.items():
+            count.add_metric([name, "idle"], pool["checked_in"])
+            count.add_metric([name, "used"], pool["checked_out"])
+            if pool["capacity"] is not None:
+                maximum.add_metric([name], pool["capacity"])
+            pending.add_metric([name], pool["waiting"])
+        # SQLAlchemy's TimeoutError does not say which pool; events use the default one.
+        timeouts.add_metric(["default"], state.metrics.pool_timeouts)
+        yield from (count, maximum, pending, timeouts)
+
+        events = CounterMetricFamily(
+            "socketio_dbctx_events",
+            "Socket.IO events handled, by outcome.",
+            labels=["namespace", "event", "outcome"],
+        )
+        durations = HistogramMetricFamily(
+            "socketio_dbctx_event_duration_seconds",
+            "Time from admission to ack, retries included.",
+            labels=["namespace", "event"],
+        )
+        for s in state.metrics.stats():
+            ok = s.count - s.errors - s.busy
+            for outcome, value in (("ok", ok), ("error", s.errors), ("busy", s.busy)):
+                events.add_metric([s.namespace, s.event, outcome], value)
+            cumulative, buckets = 0, []
+            for bound, hits in zip((*map(str, BUCKETS), "+Inf"), s.buckets):
+                cumulative += hits
+                buckets.append((bound, cumulative))
+            durations.add_metric([s.namespace, s.event], buckets, s.total_seconds)
+        yield from (events, durations)
+        yield CounterMetricFamily(
+            "socketio_dbctx_retries", "Retries of transient failures.", state.metrics.retries_total
+        )
+        yield CounterMetricFamily(
+            "socketio_dbctx_leaks",
+            "Connections reported as leaked (out longer than DBCTX_LEAK_THRESHOLD).",
+            state.tracker.leaks_total,
+        )
+
+
+def register(
+    dbctx: DBContext, app: Flask, registry: CollectorRegistry | None = None
+) -> DBContextCollector:
+    """Register a collector for ``app`` with ``registry`` (default: the global one)."""
+    collector = DBContextCollector(dbctx, app)
+    (registry if registry is not None else REGISTRY).register(collector)
+    return collector
+
+
+def metrics_response(registry: Any = None) -> Response:
+    """A Flask response with the registry's metrics in the Prometheus text format.
+
+    Usable directly as a view: ``app.add_url_rule("/metrics", view_func=metrics_response)``.
+    """
+    data = generate_latest(registry if isinstance(registry, CollectorRegistry) else REGISTRY)
+    return Response(data, mimetype=CONTENT_TYPE_LATEST)
