@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from . import context
 from .admission import ProcessLimit
+from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, load_settings
 from .errors import ContextSetupError
 from .health import health_check
@@ -208,7 +209,13 @@ class DBContext:
                     "DBCTX_MONITOR_AUTH is False: %s is open to anyone who can connect",
                     settings.monitor_namespace,
                 )
-            socketio.on_namespace(MonitorNamespace(settings.monitor_namespace))
+            monitor = MonitorNamespace(settings.monitor_namespace)
+            socketio.on_namespace(monitor)
+            url = cluster_redis_url(settings.cluster_redis_url, socketio)
+            if url is not None:
+                state.cluster = ClusterView(
+                    url, app, state, monitor, lambda target: spawn(socketio, target), state.sleep
+                )
 
     # -- app resolution -------------------------------------------------------------
 

@@ -131,11 +131,19 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             bucket.tokens -= 1
             return True
 
-    def _emit_to(self, sid: str, payload: dict[str, Any]) -> None:
+    def _emit_to(self, sid: str, payload: dict[str, Any], event: str = "pool_status") -> None:
         # ignore_queue: a push is for this worker's own subscriber only, never via the queue
-        self.socketio.emit(
-            "pool_status", payload, to=sid, namespace=self.namespace, ignore_queue=True
-        )
+        self.socketio.emit(event, payload, to=sid, namespace=self.namespace, ignore_queue=True)
+
+    def push(self, event: str, payload: dict[str, Any]) -> None:
+        """Send ``payload`` to every subscriber connected to this process."""
+        with self._lock:
+            sids = list(self._subscribers)
+        for sid in sids:
+            try:
+                self._emit_to(sid, payload, event)
+            except Exception:
+                logger.exception("monitor push of %s to %s failed", event, sid)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""The cluster view: every worker's monitor payload, shared through Redis.
+
+Each worker writes its payload to ``socketio_dbctx:worker:<host:pid>`` every
+``DBCTX_MONITOR_INTERVAL`` seconds, expiring after three intervals, so a dead
+worker drops out on its own. Each worker reads all the keys to build
+``cluster_status`` and pushes it to its own ``/monitor`` subscribers only. Redis
+being away is logged once and survived: local monitoring goes on and the cluster
+view comes back with Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from sqlalchemy import text
+
+from .errors import ContextSetupError
+from .monitor import snapshot, worker_id
+from .pool import worst_status
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .extension import AppState
+    from .monitor import MonitorNamespace
+
+__all__ = ["KEY_PREFIX", "ClusterView", "cluster_redis_url", "fleet_totals"]
+
+logger = logging.getLogger("socketio_dbctx")
+
+KEY_PREFIX = "socketio_dbctx:"
+
+
+def cluster_redis_url(configured: str | None, socketio: Any) -> str | None:
+    """``DBCTX_CLUSTER_REDIS_URL``, else the Socket.IO message queue's URL when it is Redis."""
+    if configured:
+        return configured
+    manager = getattr(getattr(socketio, "server", None), "manager", None)
+    url = getattr(manager, "redis_url", None)
+    if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    return None
+
+
+def fleet_totals(workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Add up the default pools of every worker."""
+    checked_out = capacity = 0
+    bounded = True
+    for payload in workers.values():
+        pool = payload.get("pools", {}).get("default", {})
+        checked_out += int(pool.get("checked_out") or 0)
+        if pool.get("capacity") is None:
+            bounded = False
+        else:
+            capacity += int(pool["capacity"])
+    return {
+        "checked_out": checked_out,
+        "capacity": capacity if bounded else None,
+        "utilization": round(checked_out / capacity, 4) if bounded and capacity else 0.0,
+        "workers": len(workers),
+    }
+
+
+class ClusterView:
+    """Publishes this worker's payload and reads everybody's.
+
+    :param redis_url: where the snapshots live.
+    :param app: the app whose payload to publish.
+    :param state: its :class:`~socketio_dbctx.extension.AppState`.
+    :param monitor: the ``/monitor`` namespace whose local subscribers get pushes.
+    :param spawn: starts a background task in the async mode.
+    :param sleep: sleeps in the async mode.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        app: Flask,
+        state: AppState,
+        monitor: MonitorNamespace,
+        spawn: Callable[[Callable[[], None]], Any],
+        sleep: Callable[[float], Any],
+    ) -> None:
+        try:
+            import redis
+        except ImportError as exc:
+            raise ContextSetupError(
+                "the cluster view needs the redis package: pip install 'socketio-dbctx[redis]', "
+                "or leave DBCTX_CLUSTER_REDIS_URL unset and use no Redis message queue"
+            ) from exc
+
+        self.interval = state.settings.monitor_interval
+        self.worker = worker_id()
+        self.key = f"{KEY_PREFIX}worker:{self.worker}"
+        self.max_connections: int | None = None
+        self._ttl_ms = max(1, math.ceil(self.interval * 3 * 1000))
+        timeout = max(0.5, min(2.0, self.interval))
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._app, self._state, self._monitor, self._sleep = app, state, monitor, sleep
+        self._redis_down = False
+        self._warned_capacity = False
+        self._stopped = False
+        spawn(self._loop)
+
+    # -- redis ----------------------------------------------------------------------
+
+    def _redis_call(self, what: str, func: Callable[[], Any]) -> Any:
+        try:
+            result = func()
+        except Exception as exc:
+            if not self._redis_down:
+                self._redis_down = True
+                logger.warning(
+                    "cluster view: Redis unavailable (%s: %s); local monitoring goes on",
+                    type(exc).__name__,
+                    exc,
+                )
+            raise
+        if self._redis_down:
+            self._redis_down = False
+            logger.info("cluster view: Redis is back (%s)", what)
+        return result
+
+    def publish(self, payload: dict[str, Any]) -> None:
+        """Write this worker's payload, expiring after three intervals."""
+        data = json.dumps(payload, default=str)
+        self._redis_call("publish", lambda: self._redis.set(self.key, data, px=self._ttl_ms))
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Every live worker's last payload, by ``host:pid``."""
+
+        def read() -> dict[str, dict[str, Any]]:
+            keys = sorted(self._redis.scan_iter(match=f"{KEY_PREFIX}worker:*", count=100))
+            values = self._redis.mget(keys) if keys else []
+            found: dict[str, dict[str, Any]] = {}
+            for value in values:
+                if value is not None:
+                    payload = json.loads(value)
+                    found[str(payload.get("worker"))] = payload
+            return found
+
+        return self._redis_call("read", read)  # type: ignore[no-any-return]
+
+    def payload(self) -> dict[str, Any]:
+        """The ``cluster_status`` payload (from this worker alone while Redis is away)."""
+        error = None
+        try:
+            workers = self.workers()
+        except Exception:
+            workers = {self.worker: snapshot(self._app, self._state)}
+            error = "redis unavailable: showing this worker only"
+        totals = fleet_totals(workers)
+        totals["max_connections"] = self.max_connections
+        status = worst_status([str(w.get("status", "unknown")) for w in workers.values()])
+        result: dict[str, Any] = {
+            "timestamp": time.time(),
+            "status": "unknown" if error else status,
+            "workers": workers,
+            "totals": totals,
+        }
+        if error:
+            result["error"] = error
+        return result
+
+    # -- loop -----------------------------------------------------------------------
+
+    def _read_max_connections(self) -> None:
+        try:
+            engine = self._state.engines(self._app).get("default")
+            if engine is None or engine.dialect.name != "postgresql":
+                return
+            with engine.connect() as conn:
+                self.max_connections = int(conn.execute(text("SHOW max_connections")).scalar_one())
+        except Exception:
+            logger.warning("cluster view: could not read max_connections", exc_info=True)
+
+    def _check_capacity(self, totals: dict[str, Any]) -> None:
+        capacity, limit = totals.get("capacity"), self.max_connections
+        if limit is None or capacity is None or self._warned_capacity:
+            return
+        if capacity > limit:
+            self._warned_capacity = True
+            logger.warning(
+                "%d workers x their pool capacity = %d connections, more than PostgreSQL's "
+                "max_connections = %d: the fleet can exhaust the server; lower pool_size/"
+                "max_overflow or raise max_connections",
+                totals["workers"],
+                capacity,
+                limit,
+            )
+
+    def stop(self) -> None:
+        """End the loop after its current round."""
+        self._stopped = True
+
+    def _loop(self) -> None:
+        self._read_max_connections()
+        while not self._stopped:
+            try:
+                self.publish(snapshot(self._app, self._state))
+                cluster = self.payload()
+                self._check_capacity(cluster["totals"])
+                self._monitor.push("cluster_status", cluster)
+            except Exception:
+                logger.debug("cluster round failed", exc_info=True)
+            self._sleep(self.interval)
