@@ -58,6 +58,7 @@ class AppState:
         self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
         self._watchdog: LeakWatchdog | None = None
         self._tracking = False
+        self.drivers_checked = False
         #: the cluster view (several workers on a Redis message queue), when enabled
         self.cluster: Any = None
         self._process_limit: ProcessLimit | None = None

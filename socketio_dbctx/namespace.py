@@ -18,6 +18,7 @@ from .admission import Admission
 from .config import Settings
 from .context import commit, open_scope, require_session
 from .decorators import handler_options
+from .drivers import check_green_driver
 from .errors import ContextSetupError, InvalidRequestError
 from .extension import AppState, app_state
 from .pipeline import Event, Middleware, metrics_middleware, run_chain, transaction_middleware
@@ -151,6 +152,9 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
         if runtime is None:
             state = app_state(app, self.socketio)
             state.track(app)
+            if not state.drivers_checked:
+                state.drivers_checked = True
+                check_green_driver(state.engines(app), self.socketio.server.async_mode)
             overrides = {name: getattr(self, name) for name in NAMESPACE_SETTINGS}
             settings = state.settings.override(overrides)
             process = state.process_limit(app, self.socketio.server.async_mode)
