@@ -102,8 +102,11 @@ class AppState:
         engines = self.source.engines(app)
         for engine in engines.values():
             if self.tracker.attach(engine) and self.settings.leak_threshold and not self._watchdog:
+                # nothing here may refer to self: the watchdog ends when the state is gone
+                socketio = self.socketio
+                sleep = socketio.sleep if socketio and socketio.server else time.sleep
                 self._watchdog = LeakWatchdog(
-                    self.tracker, lambda target: spawn(self.socketio, target), self.sleep
+                    self.tracker, lambda target: spawn(socketio, target), sleep
                 )
         return engines
 
@@ -198,12 +201,19 @@ class DBContext:
                 "call init_app(app) once per app, or reuse app.extensions['dbctx']"
             )
         settings = load_settings(app.config, {**self.options, **options})
-        factory = session_factory or (None if db else self.session_factory)
-        source = make_source(db or (None if factory else self.db), factory)
+        # init_app's own database arguments, if any, replace the constructor's pair
+        if db is None and session_factory is None:
+            db, session_factory = self.db, self.session_factory
+        source = make_source(db, session_factory)
         socketio = socketio or self.socketio
         state = AppState(settings, source, socketio)
         self._states[app] = state
         app.extensions["dbctx"] = self
+        try:
+            # follow checkouts from the start, when the database is already set up
+            state.track(app)
+        except (ContextSetupError, KeyError, RuntimeError):
+            logger.debug("database not set up yet; checkouts are tracked from first use")
         if socketio is not None and settings.monitor_auth is not None:
             if settings.monitor_auth is False:
                 logger.warning(
