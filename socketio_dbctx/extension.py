@@ -102,12 +102,7 @@ class AppState:
         engines = self.source.engines(app)
         for engine in engines.values():
             if self.tracker.attach(engine) and self.settings.leak_threshold and not self._watchdog:
-                # nothing here may refer to self: the watchdog ends when the state is gone
-                socketio = self.socketio
-                sleep = socketio.sleep if socketio and socketio.server else time.sleep
-                self._watchdog = LeakWatchdog(
-                    self.tracker, lambda target: spawn(socketio, target), sleep
-                )
+                self._watchdog = _watchdog(self.tracker, self.socketio)
         return engines
 
     def pool_statuses(self, app: Flask) -> dict[str, dict[str, Any]]:
@@ -124,6 +119,12 @@ class AppState:
             )
             for name, engine in self.engines(app).items()
         }
+
+
+def _watchdog(tracker: PoolTracker, socketio: SocketIO | None) -> LeakWatchdog:
+    # Nothing here may refer to the AppState: the watchdog ends when the state is gone.
+    sleep = socketio.sleep if socketio is not None and socketio.server else time.sleep
+    return LeakWatchdog(tracker, lambda target: spawn(socketio, target), sleep)
 
 
 # Apps that use DBContextNamespace with Flask-SQLAlchemy but no DBContext.
