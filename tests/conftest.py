@@ -7,13 +7,22 @@ servers). A test that needs an unreachable service is skipped with the reason, u
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import pytest
+import socketio as socketio_client
 import sqlalchemy as sa
 from flask import Flask
 from flask_socketio import SocketIO
@@ -117,3 +126,261 @@ def checked_out(db: SQLAlchemy, app: Flask) -> int:
     """Connections currently checked out of the default engine's pool."""
     with app.app_context():
         return db.engine.pool.checkedout()  # type: ignore[attr-defined,no-any-return]
+
+
+# -- real Socket.IO servers ------------------------------------------------------------
+#
+# Each server is ``python -m tests.servers.app`` in its own process, so eventlet and
+# gevent monkey patching never reaches the pytest process.
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ASYNC_MODES = ["threading", "eventlet", "gevent"]
+SERVER_START_TIMEOUT = 20.0
+# urllib without any proxy from the environment: the servers are on 127.0.0.1.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s: {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def create_schema(postgres_url: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    finally:
+        engine.dispose()
+    return name
+
+
+def drop_schema(postgres_url: str, name: str) -> None:
+    engine = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        engine.dispose()
+
+
+class ServerProcess:
+    """A running ``tests.servers.app`` process."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        port: int,
+        log_path: Path,
+        async_mode: str,
+        database_url: str,
+        plain: bool,
+    ) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.async_mode = async_mode
+        self.database_url = database_url
+        self.plain = plain
+
+    def __repr__(self) -> str:
+        kind = "plain" if self.plain else "dbctx"
+        return f"<ServerProcess {self.async_mode} {kind} {self.url} pid={self.proc.pid}>"
+
+    def get(self, path: str, timeout: float = 5.0) -> str:
+        with _HTTP.open(self.url + path, timeout=timeout) as response:
+            return str(response.read().decode())
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /_stats``: the pool dict, ``checked_out`` and the loop counters."""
+        data: dict[str, Any] = json.loads(self.get("/_stats"))
+        return data
+
+    def log(self) -> str:
+        """Everything the server wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_checked_out(self, expected: int, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll ``/_stats`` until ``checked_out == expected``; fail with the log if not."""
+        last: dict[str, Any] = {}
+
+        def check() -> bool:
+            nonlocal last
+            last = self.stats()
+            return bool(last["checked_out"] == expected)
+
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() >= deadline:
+                pytest.fail(
+                    f"{self}: checked_out stayed {last.get('checked_out')} (expected "
+                    f"{expected}) for {timeout}s; stats={last}\n--- server log ---\n"
+                    + self.log()[-5000:]
+                )
+            time.sleep(0.05)
+        return last
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int) -> str | None:
+    """None when ``/_ready`` answers; else why not (the process died or timed out)."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"the server exited with code {proc.returncode}"
+        try:
+            with _HTTP.open(f"http://127.0.0.1:{port}/_ready", timeout=1) as response:
+                if response.read() == b"ok":
+                    return None
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return f"the server did not answer /_ready within {SERVER_START_TIMEOUT}s"
+
+
+@pytest.fixture(params=ASYNC_MODES)
+def async_mode(request: pytest.FixtureRequest) -> str:
+    """Each Flask-SocketIO async mode, run in a server subprocess."""
+    return str(request.param)
+
+
+@pytest.fixture
+def server_factory(
+    postgres_url: str, pg_schema: str, tmp_path: Path
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``python -m tests.servers.app`` processes; all are killed at teardown.
+
+    ``server_factory(async_mode, plain=False, pool_size=5, max_overflow=0,
+    pool_timeout=30.0)``: the first server uses the ``pg_schema`` schema, every
+    further one a schema of its own (dropped at teardown), so servers never share
+    tables. The server creates its tables at start.
+    """
+    servers: list[ServerProcess] = []
+    extra_schemas: list[str] = []
+
+    def start(
+        async_mode: str,
+        *,
+        plain: bool = False,
+        pool_size: int = 5,
+        max_overflow: int = 0,
+        pool_timeout: float = 30.0,
+    ) -> ServerProcess:
+        if servers:
+            schema = create_schema(postgres_url)
+            extra_schemas.append(schema)
+        else:
+            schema = pg_schema
+        database_url = schema_url(postgres_url, schema)
+        problem = ""
+        for attempt in range(3):  # a free port can be taken before the server binds it
+            port = free_port()
+            log_path = tmp_path / f"server-{len(servers)}-{async_mode}-{attempt}.log"
+            command = [
+                sys.executable,
+                "-m",
+                "tests.servers.app",
+                "--async-mode",
+                async_mode,
+                "--port",
+                str(port),
+                "--database-url",
+                database_url,
+                "--pool-size",
+                str(pool_size),
+                "--max-overflow",
+                str(max_overflow),
+                "--pool-timeout",
+                str(pool_timeout),
+            ]
+            if plain:
+                command.append("--plain")
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            with log_path.open("wb") as log_file:
+                proc = subprocess.Popen(
+                    command,
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+            server = ServerProcess(proc, port, log_path, async_mode, database_url, plain)
+            servers.append(server)
+            problem = _wait_ready(proc, port) or ""
+            if not problem:
+                return server
+            server.stop()
+            if "in use" not in server.log():
+                break
+        pytest.fail(
+            f"test server ({async_mode}, plain={plain}) failed to start: {problem}\n"
+            f"command: {' '.join(command)}\n--- server log ---\n{server.log()[-8000:]}"
+        )
+
+    yield start
+    for server in servers:
+        server.stop()
+    for schema in extra_schemas:
+        drop_schema(postgres_url, schema)
+
+
+@pytest.fixture
+def connect_client(
+    server_factory: Callable[..., ServerProcess],
+) -> Iterator[Callable[..., socketio_client.Client]]:
+    """``connect_client(server, namespace="/t", auth=None)``: a connected real
+    python-socketio ``Client`` over the WebSocket transport; disconnected at teardown,
+    before the servers stop (hence the dependency on ``server_factory``).
+    """
+    clients: list[socketio_client.Client] = []
+
+    def connect(
+        server: ServerProcess, namespace: str = "/t", auth: Any = None, wait_timeout: float = 10
+    ) -> socketio_client.Client:
+        client = socketio_client.Client(reconnection=False)
+        clients.append(client)
+        client.connect(
+            server.url,
+            namespaces=[namespace],
+            transports=["websocket"],
+            auth=auth,
+            wait_timeout=wait_timeout,
+        )
+        return client
+
+    yield connect
+    connected = [client for client in clients if client.connected]
+    if connected:
+        # In parallel: a WebSocket close waits up to 3 s for the server's close frame.
+        with ThreadPoolExecutor(len(connected)) as pool:
+            for future in [pool.submit(client.disconnect) for client in connected]:
+                future.result(timeout=30)
