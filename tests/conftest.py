@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -199,6 +199,7 @@ class ServerProcess:
         self.async_mode = async_mode
         self.database_url = database_url
         self.plain = plain
+        self.schema = ""
 
     def __repr__(self) -> str:
         kind = "plain" if self.plain else "dbctx"
@@ -279,9 +280,13 @@ def server_factory(
     """Start ``python -m tests.servers.app`` processes; all are killed at teardown.
 
     ``server_factory(async_mode, plain=False, pool_size=5, max_overflow=0,
-    pool_timeout=30.0)``: the first server uses the ``pg_schema`` schema, every
-    further one a schema of its own (dropped at teardown), so servers never share
-    tables. The server creates its tables at start.
+    pool_timeout=30.0, config=None, extra=(), message_queue=None,
+    share_schema_with=None)``: the first server uses the ``pg_schema`` schema, every
+    further one a schema of its own (dropped at teardown) unless
+    ``share_schema_with`` names a server whose tables to share (several workers).
+    ``config`` sets ``app.config`` keys; ``extra`` names modules whose
+    ``setup(app, socketio, db, dbctx, args)`` adds handlers. The server creates its
+    tables at start.
     """
     servers: list[ServerProcess] = []
     extra_schemas: list[str] = []
@@ -293,8 +298,14 @@ def server_factory(
         pool_size: int = 5,
         max_overflow: int = 0,
         pool_timeout: float = 30.0,
+        config: dict[str, Any] | None = None,
+        extra: Sequence[str] = (),
+        message_queue: str | None = None,
+        share_schema_with: ServerProcess | None = None,
     ) -> ServerProcess:
-        if servers:
+        if share_schema_with is not None:
+            schema = share_schema_with.schema
+        elif servers:
             schema = create_schema(postgres_url)
             extra_schemas.append(schema)
         else:
@@ -323,6 +334,12 @@ def server_factory(
             ]
             if plain:
                 command.append("--plain")
+            for key, value in (config or {}).items():
+                command += ["--set", f"{key}={json.dumps(value)}"]
+            for module in extra:
+                command += ["--extra", module]
+            if message_queue:
+                command += ["--message-queue", message_queue]
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             with log_path.open("wb") as log_file:
                 proc = subprocess.Popen(
@@ -334,6 +351,7 @@ def server_factory(
                     stderr=subprocess.STDOUT,
                 )
             server = ServerProcess(proc, port, log_path, async_mode, database_url, plain)
+            server.schema = schema
             servers.append(server)
             problem = _wait_ready(proc, port) or ""
             if not problem:

@@ -1,19 +1,25 @@
-"""The sample app's /trading namespace, through the test client (semantics only)."""
+"""The sample app through the test client: /trading semantics (validation, matching,
+broadcasts after commit), /monitor, /metrics, /healthz, the page's assets and the CLI."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from flask_socketio import SocketIO
+from sqlalchemy.orm import Session
 
 from sample_app.app import create_app
-from sample_app.models import Order, db
+from sample_app.models import Order, Trade, db
 
 NS = "/trading"
+STATIC = Path(__file__).resolve().parent.parent / "sample_app" / "static"
 GOOD = {"symbol": "BTC.USD", "side": "buy", "qty": 1.5, "price": 100.0}
 
 
@@ -97,3 +103,466 @@ def test_healthz(trading: tuple[Flask, SocketIO]) -> None:
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
     assert response.get_json()["healthy"] is True
+
+
+# -- matching --------------------------------------------------------------------------
+
+
+def _place(client: Any, symbol: str, side: str, qty: float, price: float) -> dict[str, Any]:
+    ack = client.emit(
+        "place_order",
+        {"symbol": symbol, "side": side, "qty": qty, "price": price},
+        namespace=NS,
+        callback=True,
+    )
+    assert ack.get("ok") is True, ack
+    order: dict[str, Any] = ack["order"]
+    return order
+
+
+def _received(client: Any, name: str) -> list[Any]:
+    return [m["args"][0] for m in client.get_received(NS) if m["name"] == name]
+
+
+def _orders(app: Flask) -> dict[int, Order]:
+    with app.app_context():
+        return {o.id: o for o in db.session.scalars(db.select(Order))}
+
+
+def _trades(app: Flask) -> list[Trade]:
+    with app.app_context():
+        return list(db.session.scalars(db.select(Trade).order_by(Trade.id)))
+
+
+def test_price_time_priority(trading: tuple[Flask, SocketIO]) -> None:
+    """A buy takes the cheapest sell first and, at one price, the oldest; each trade is
+    at the resting order's price; the sell priced above the limit is not touched."""
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    s101 = _place(client, "X", "sell", 1, 101)
+    s100_old = _place(client, "X", "sell", 1, 100)
+    s100_new = _place(client, "X", "sell", 1, 100)
+    s103 = _place(client, "X", "sell", 1, 103)
+    _place(client, "Y", "sell", 1, 50)  # another symbol never matches
+    buy = _place(client, "X", "buy", 2.5, 102)
+    assert buy["status"] == "filled" and buy["qty"] == 0
+    trades = _trades(app)
+    assert [(t.sell_order_id, t.price, t.qty) for t in trades] == [
+        (s100_old["id"], 100.0, 1.0),
+        (s100_new["id"], 100.0, 1.0),
+        (s101["id"], 101.0, 0.5),
+    ]
+    assert all(t.buy_order_id == buy["id"] and t.taker_side == "buy" for t in trades)
+    orders = _orders(app)
+    assert orders[s100_old["id"]].status == orders[s100_new["id"]].status == "filled"
+    assert orders[s100_old["id"]].qty == 0
+    assert orders[s101["id"]].status == "open" and orders[s101["id"]].qty == pytest.approx(0.5)
+    assert orders[s103["id"]].status == "open" and orders[s103["id"]].qty == 1
+    assert _checked_out(app) == 0
+
+
+def test_sell_takes_highest_buy_at_its_price(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    low = _place(client, "X", "buy", 1, 99)
+    high = _place(client, "X", "buy", 1, 100)
+    sell = _place(client, "X", "sell", 1.5, 95)
+    assert sell["status"] == "filled" and sell["qty"] == 0
+    trades = _trades(app)
+    assert [(t.buy_order_id, t.price, t.qty) for t in trades] == [
+        (high["id"], 100.0, 1.0),
+        (low["id"], 99.0, 0.5),
+    ]
+    assert all(t.sell_order_id == sell["id"] and t.taker_side == "sell" for t in trades)
+    orders = _orders(app)
+    assert orders[low["id"]].status == "open" and orders[low["id"]].qty == pytest.approx(0.5)
+
+
+def test_partial_fill_of_the_resting_order(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    a = socketio.test_client(app, namespace=NS)
+    b = socketio.test_client(app, namespace=NS)
+    sell = _place(a, "X", "sell", 5, 100)
+    a.get_received(NS)
+    b.get_received(NS)
+    buy = _place(a, "X", "buy", 2, 100)
+    assert buy["status"] == "filled" and buy["qty"] == 0
+    orders = _orders(app)
+    assert orders[sell["id"]].status == "open" and orders[sell["id"]].qty == 3
+    # every client hears of the order, the trade and the resting order's new state
+    for client in (a, b):
+        received = client.get_received(NS)
+        names = [m["name"] for m in received]
+        assert names == ["order_placed", "trade", "order_updated"], names
+        placed, trade, updated = (m["args"][0] for m in received)
+        assert placed == buy
+        assert trade["qty"] == 2 and trade["price"] == 100
+        assert (trade["buy_order_id"], trade["sell_order_id"]) == (buy["id"], sell["id"])
+        assert updated["id"] == sell["id"] and updated["qty"] == 3
+        assert updated["status"] == "open"
+
+
+def test_orders_that_do_not_cross_rest(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    _place(client, "X", "sell", 1, 100.01)
+    buy = _place(client, "X", "buy", 1, 100)
+    assert buy["status"] == "open" and buy["qty"] == 1
+    assert _trades(app) == []
+    # a cancelled order is off the book
+    sell = _place(client, "X", "sell", 1, 99)
+    assert sell["status"] == "filled"
+    again = _place(client, "X", "sell", 1, 99)
+    assert again["status"] == "open"
+    assert client.emit("cancel_order", again["id"], namespace=NS, callback=True) == {"ok": True}
+    late_buy = _place(client, "X", "buy", 1, 99.5)
+    assert late_buy["status"] == "open"
+    assert len(_trades(app)) == 1
+
+
+def test_broadcasts_only_after_commit(
+    trading: tuple[Flask, SocketIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``order_placed`` is emitted when the order is visible to other connections."""
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    seen: list[tuple[str, bool]] = []
+    emit = socketio.emit
+
+    def spy(event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "order_placed":
+            with app.app_context(), db.engine.connect() as conn:
+                found = conn.execute(sa.select(Order.id).where(Order.id == args[0]["id"])).first()
+            seen.append((event, found is not None))
+        return emit(event, *args, **kwargs)
+
+    monkeypatch.setattr(socketio, "emit", spy)
+    _place(client, "X", "sell", 1, 100)
+    _place(client, "X", "buy", 1, 100)
+    assert seen == [("order_placed", True), ("order_placed", True)]
+
+
+def test_failed_commit_broadcasts_nothing(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    a = socketio.test_client(app, namespace=NS)
+    b = socketio.test_client(app, namespace=NS)
+
+    def fail(session: Any) -> None:
+        raise RuntimeError("commit refused by the test")
+
+    sa.event.listen(Session, "before_commit", fail)
+    try:
+        ack = a.emit("place_order", GOOD, namespace=NS, callback=True)
+    finally:
+        sa.event.remove(Session, "before_commit", fail)
+    assert ack["error"] == "internal_error"
+    assert b.get_received(NS) == [] and a.get_received(NS) == []
+    assert _stored(app) == 0
+    assert _checked_out(app) == 0
+    # the book lock was released with the rolled-back transaction
+    assert _place(a, GOOD["symbol"], "buy", 1, 100)["status"] == "open"
+
+
+# -- list_orders, list_trades, cancel_order ------------------------------------------
+
+
+def test_list_orders_newest_first_with_symbol_and_limit(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    ids = [_place(client, "A" if i % 2 else "B", "buy", 1, 10 + i)["id"] for i in range(6)]
+    listed = client.emit("list_orders", namespace=NS, callback=True)["orders"]
+    assert [o["id"] for o in listed] == ids[::-1]
+    only_a = client.emit("list_orders", {"symbol": "A"}, namespace=NS, callback=True)
+    assert [o["id"] for o in only_a["orders"]] == [ids[5], ids[3], ids[1]]
+    two = client.emit("list_orders", {"limit": 2}, namespace=NS, callback=True)
+    assert [o["id"] for o in two["orders"]] == [ids[5], ids[4]]
+    both = client.emit("list_orders", {"symbol": "B", "limit": 1}, namespace=NS, callback=True)
+    assert [o["id"] for o in both["orders"]] == [ids[4]]
+    assert client.emit("list_orders", {}, namespace=NS, callback=True)["orders"] == listed
+    assert client.emit("list_orders", None, namespace=NS, callback=True)["orders"] == listed
+
+
+def test_list_trades(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    _place(client, "X", "sell", 3, 100)
+    _place(client, "X", "buy", 1, 100)
+    _place(client, "X", "buy", 1, 100)
+    trades = client.emit("list_trades", namespace=NS, callback=True)["trades"]
+    assert len(trades) == 2 and trades[0]["id"] > trades[1]["id"]
+    one = client.emit("list_trades", {"symbol": "X", "limit": 1}, namespace=NS, callback=True)
+    assert [t["id"] for t in one["trades"]] == [trades[0]["id"]]
+    bad = client.emit("list_trades", {"limit": 0}, namespace=NS, callback=True)
+    assert bad["error"] == "invalid_request"
+
+
+BAD_LISTS: list[Any] = [
+    "BTC",
+    5,
+    [],
+    {"extra": 1},
+    {"limit": 0},
+    {"limit": 501},
+    {"limit": -1},
+    {"limit": True},
+    {"limit": 1.5},
+    {"limit": "10"},
+    {"limit": None},
+    {"symbol": "btc"},
+    {"symbol": ""},
+    {"symbol": 5},
+    {"symbol": "A" * 13},
+    {"symbol": "X" * 100_000},
+]
+
+
+@pytest.mark.parametrize("payload", BAD_LISTS)
+def test_bad_list_requests_are_rejected(trading: tuple[Flask, SocketIO], payload: Any) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    _place(client, "X", "buy", 1, 100)
+    ack = client.emit("list_orders", payload, namespace=NS, callback=True)
+    assert ack["error"] == "invalid_request" and ack["retryable"] is False
+    assert "orders" not in ack
+    assert _stored(app) == 1
+    assert _checked_out(app) == 0
+
+
+def test_list_orders_with_two_arguments_is_rejected(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    ack = client.emit("list_orders", {}, {}, namespace=NS, callback=True)
+    assert ack["error"] == "invalid_request"
+    assert _checked_out(app) == 0
+
+
+BAD_ORDER_IDS: list[Any] = [
+    None,
+    "1",
+    0,
+    -1,
+    True,
+    1.0,
+    1.5,
+    math.nan,
+    [1],
+    {"id": 1},
+    2**63,
+    10**30,
+    999_999,  # well formed, but no such order
+]
+
+
+def _statuses(app: Flask) -> dict[int, tuple[str, float]]:
+    return {i: (o.status, o.qty) for i, o in _orders(app).items()}
+
+
+@pytest.mark.parametrize("order_id", BAD_ORDER_IDS)
+def test_bad_cancel_requests_are_rejected_and_change_nothing(
+    trading: tuple[Flask, SocketIO], order_id: Any
+) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    _place(client, "X", "buy", 1, 100)
+    before = _statuses(app)
+    client.get_received(NS)
+    ack = client.emit("cancel_order", order_id, namespace=NS, callback=True)
+    assert ack["error"] == "invalid_request" and ack["retryable"] is False
+    assert _statuses(app) == before
+    assert client.get_received(NS) == []
+    assert _checked_out(app) == 0
+
+
+@pytest.mark.parametrize("args", [(), (1, 2)], ids=["no-argument", "two-arguments"])
+def test_cancel_order_with_wrong_arity_is_rejected(
+    trading: tuple[Flask, SocketIO], args: tuple[Any, ...]
+) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    order = _place(client, "X", "buy", 1, 100)
+    ack = client.emit("cancel_order", *args, namespace=NS, callback=True)
+    assert ack["error"] == "invalid_request"
+    assert _statuses(app) == {order["id"]: ("open", 1.0)}
+    assert _checked_out(app) == 0
+
+
+def test_cancel_of_a_filled_or_cancelled_order_is_rejected(
+    trading: tuple[Flask, SocketIO],
+) -> None:
+    app, socketio = trading
+    a = socketio.test_client(app, namespace=NS)
+    b = socketio.test_client(app, namespace=NS)
+    sell = _place(a, "X", "sell", 1, 100)
+    buy = _place(a, "X", "buy", 1, 100)
+    for order_id in (sell["id"], buy["id"]):
+        ack = a.emit("cancel_order", order_id, namespace=NS, callback=True)
+        assert ack["error"] == "invalid_request"
+    resting = _place(a, "X", "sell", 2, 105)
+    b.get_received(NS)
+    assert a.emit("cancel_order", resting["id"], namespace=NS, callback=True) == {"ok": True}
+    assert _received(b, "order_updated") == [{**resting, "status": "cancelled"}]
+    ack = a.emit("cancel_order", resting["id"], namespace=NS, callback=True)
+    assert ack["error"] == "invalid_request"
+    assert _statuses(app)[resting["id"]] == ("cancelled", 2.0)
+    assert _checked_out(app) == 0
+
+
+# -- monitor, metrics, page ------------------------------------------------------------
+
+
+def test_monitor_needs_the_token(database_url: str) -> None:
+    app, socketio = create_app(database_url=database_url, monitor_auth="s3cret")
+    try:
+        refused = socketio.test_client(app, namespace="/monitor", auth={"token": "nope"})
+        assert not refused.is_connected("/monitor")
+        monitor = socketio.test_client(app, namespace="/monitor", auth={"token": "s3cret"})
+        assert monitor.is_connected("/monitor")
+        pushed = [m for m in monitor.get_received("/monitor") if m["name"] == "pool_status"]
+        assert pushed and pushed[0]["args"][0]["pools"]["default"]["checked_out"] == 0
+        trader = socketio.test_client(app, namespace=NS)
+        _place(trader, "X", "buy", 1, 100)
+        status = monitor.emit("get_status", namespace="/monitor", callback=True)
+        assert status["events"]["/trading:place_order"]["count"] == 1
+        monitor.disconnect(namespace="/monitor")
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_no_monitor_without_a_token(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace="/monitor", auth={"token": ""})
+    assert not client.is_connected("/monitor")
+
+
+def test_metrics(trading: tuple[Flask, SocketIO]) -> None:
+    pytest.importorskip("prometheus_client")
+    app, socketio = trading
+    _place(socketio.test_client(app, namespace=NS), "X", "buy", 1, 100)
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200
+    text = response.get_data(as_text=True)
+    assert 'db_client_connection_count{pool_name="default",state="used"} 0.0' in text
+    assert 'socketio_dbctx_events_total{event="place_order"' in text
+
+
+def test_healthz_503_when_the_database_is_gone(tmp_path: Path) -> None:
+    app, _ = create_app(database_url=f"sqlite:///{tmp_path}/gone.db")
+    (tmp_path / "gone.db").unlink()
+    (tmp_path / "gone.db").mkdir()  # a directory where the database file was
+    try:
+        with app.app_context():
+            db.engine.dispose()
+        response = app.test_client().get("/healthz")
+        assert response.status_code == 503
+        body = response.get_json()
+        assert body["healthy"] is False and body["error"]
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+URL = re.compile(rb"(?:https?|wss?)://[^\s\"'`)<>]*")
+#: URLs inside the vendored libraries that the browser never fetches: an error
+#: message's documentation link, the scheme prefix socket.io puts before a bare
+#: host name (the page's own), and uPlot's banner comment.
+VENDOR_URLS = {
+    b"https://socket.io/docs/v3/migrating-from-2-x-to-3-0/",
+    b"https://",
+    b"https://github.com/leeoniya/uPlot",
+}
+
+
+def test_the_page_loads_only_its_own_assets(trading: tuple[Flask, SocketIO]) -> None:
+    app, _ = trading
+    http = app.test_client()
+    page = http.get("/?token=x")
+    assert page.status_code == 200
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    html = page.get_data()
+    assert URL.findall(html) == []
+    assets = re.findall(rb'(?:src|href)="([^"]+)"', html)
+    assert len(assets) == 6
+    for asset in assets:
+        assert asset.startswith(b"/static/"), asset
+        response = http.get(asset.decode())
+        assert response.status_code == 200, asset
+        body = response.get_data()
+        response.close()
+        found = set(URL.findall(body))
+        if b"/vendor/" in asset:
+            assert found <= VENDOR_URLS, (asset, found)
+        else:
+            assert found == set(), (asset, found)
+    # and every file that could be served
+    for path in STATIC.rglob("*"):
+        if path.is_file() and path.suffix in {".js", ".css", ".html", ".svg"}:
+            allowed = VENDOR_URLS if "vendor" in path.parts else set()
+            assert set(URL.findall(path.read_bytes())) <= allowed, path
+    for path in (STATIC.parent / "templates").rglob("*.html"):
+        assert URL.findall(path.read_bytes()) == [], path
+
+
+def test_vendored_libraries_keep_their_licences() -> None:
+    vendor = STATIC / "vendor"
+    for name in ("socket.io-client/LICENSE", "socket.io-client/LICENSE.bundled", "uplot/LICENSE"):
+        assert "MIT License" in (vendor / name).read_text(), name
+    for name in ("socket.io-client/socket.io.min.js", "uplot/uPlot.iife.min.js"):
+        assert (vendor / name).stat().st_size > 10_000, name
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def test_command_line_and_environment() -> None:
+    from sample_app.__main__ import dashboard_url, monitor_token, parse_args
+
+    args = parse_args(
+        [],
+        {"DATABASE_URL": "sqlite:///x.db", "SOCKETIO_MESSAGE_QUEUE": "redis://127.0.0.1:6379/0"},
+    )
+    assert (args.host, args.port) == ("127.0.0.1", 5000)
+    assert args.database_url == "sqlite:///x.db"
+    assert args.message_queue == "redis://127.0.0.1:6379/0"
+    args = parse_args(
+        ["--host", "0.0.0.0", "--port", "8080", "--async-mode", "threading",
+         "--database-url", "sqlite:///y.db", "--message-queue", "redis://h/1"],
+        {"DATABASE_URL": "sqlite:///x.db"},
+    )  # fmt: skip
+    assert (args.host, args.port, args.async_mode) == ("0.0.0.0", 8080, "threading")
+    assert (args.database_url, args.message_queue) == ("sqlite:///y.db", "redis://h/1")
+    assert parse_args([], {}).database_url is None
+    with pytest.raises(SystemExit):
+        parse_args(["--async-mode", "asyncio"], {})
+    with pytest.raises(SystemExit):
+        parse_args(["--port", "70000"], {})
+
+    token, generated = monitor_token({})
+    assert generated and len(token) >= 32
+    assert monitor_token({})[0] != token
+    assert monitor_token({"DBCTX_MONITOR_AUTH": "mine"}) == ("mine", False)
+    assert monitor_token({"DBCTX_MONITOR_AUTH": ""})[1] is True
+    assert dashboard_url("127.0.0.1", 5000, "a-b_c") == "http://127.0.0.1:5000/?token=a-b_c"
+    assert dashboard_url("0.0.0.0", 80, "t") == "http://127.0.0.1:80/?token=t"
+    assert dashboard_url("::1", 80, "t") == "http://[::1]:80/?token=t"
+    assert "<DBCTX_MONITOR_AUTH>" in dashboard_url("localhost", 1, None)
+
+
+def test_default_database_is_sqlite_in_the_instance_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import flask
+
+    monkeypatch.setattr(
+        flask.Flask, "auto_find_instance_path", lambda self: str(tmp_path / "instance")
+    )
+    app, _ = create_app()
+    try:
+        expected = "sqlite:///" + str(tmp_path / "instance" / "trading.db")
+        assert app.config["SQLALCHEMY_DATABASE_URI"] == expected
+        assert (tmp_path / "instance" / "trading.db").is_file()
+    finally:
+        with app.app_context():
+            db.engine.dispose()

@@ -41,6 +41,8 @@ elif _ASYNC_MODE == "gevent":
     patch_psycopg()
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -71,7 +73,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=5)
     parser.add_argument("--max-overflow", type=int, default=0)
     parser.add_argument("--pool-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="an app.config value, e.g. --set DBCTX_MAX_RETRIES=0 (repeatable)",
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module whose setup(app, socketio, db, dbctx, args) adds handlers (repeatable)",
+    )
+    parser.add_argument("--message-queue", default=None)
     return parser.parse_args(argv)
+
+
+def _config_values(pairs: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        values[key] = json.loads(raw)
+    return values
 
 
 def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, DBContext]:
@@ -84,9 +109,16 @@ def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, D
             "pool_timeout": args.pool_timeout,
         },
     )
+    app.config.update(_config_values(args.set))
     db = SQLAlchemy()
     db.init_app(app)
-    socketio = SocketIO(app, async_mode=args.async_mode, logger=False, engineio_logger=False)
+    socketio = SocketIO(
+        app,
+        async_mode=args.async_mode,
+        logger=False,
+        engineio_logger=False,
+        message_queue=args.message_queue,
+    )
     dbctx = DBContext(app, socketio, db)
 
     class Item(db.Model):  # type: ignore[name-defined,misc]
@@ -182,6 +214,9 @@ def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, D
         else:
             dbctx.start_periodic_task(query_once, LOOP_INTERVAL)
         return jsonify(started=mode)
+
+    for module_name in args.extra:
+        importlib.import_module(module_name).setup(app, socketio, db, dbctx, args)
 
     with app.app_context():
         db.create_all()

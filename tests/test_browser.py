@@ -1,0 +1,400 @@
+"""The dashboard page in a real browser: headless Chromium driven by Playwright.
+
+The sample app runs as ``python -m sample_app`` (threading mode, SQLite in a temporary
+folder, a known ``DBCTX_MONITOR_AUTH``). Chromium is the system's (``/usr/bin/chromium``,
+or ``DBCTX_CHROMIUM``); Playwright never downloads a browser. Without either the tests
+are skipped with the reason, unless ``DBCTX_REQUIRE_SERVICES=1``, where they fail.
+
+Every page is watched: a console error, an uncaught exception, or a request to
+anything but the app itself fails the test.
+
+``DBCTX_UPDATE_SCREENSHOT=1`` also writes the README's ``docs/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pytest
+import sqlalchemy as sa
+from conftest import REPO_ROOT, REQUIRE_SERVICES, wait_for
+
+from sample_app.process import SampleAppProcess, StartError
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Request
+
+pytestmark = pytest.mark.server
+
+CHROMIUM = os.environ.get("DBCTX_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+TOKEN = "browser-test-token"
+VIEWPORT = {"width": 1440, "height": 1000}
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+TIMEOUT_MS = 15_000
+
+
+def _browser_problem() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright for Python is not installed (pip install playwright)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set DBCTX_CHROMIUM)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    problem = _browser_problem()
+    if problem is not None:
+        if REQUIRE_SERVICES:
+            pytest.fail(problem + " (DBCTX_REQUIRE_SERVICES=1: the browser is required)")
+        pytest.skip(problem)
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _start(database_url: str, log_path: Path, port: int | None = None) -> SampleAppProcess:
+    server = SampleAppProcess(
+        database_url, token=TOKEN, async_mode="threading", port=port, log_path=log_path
+    )
+    try:
+        return server.start()
+    except StartError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleAppProcess]:
+    folder = tmp_path_factory.mktemp("browser")
+    app = _start(f"sqlite:///{folder}/trading.db", folder / "app.log")
+    yield app
+    app.stop()
+
+
+class Watch:
+    """What a page did wrong: console errors, uncaught exceptions, foreign requests."""
+
+    def __init__(self, page: Page, origin: str) -> None:
+        self.origin = origin
+        self.console_errors: list[str] = []
+        self.page_errors: list[str] = []
+        self.foreign: list[str] = []
+        #: console errors matching one of these are expected (a server restart)
+        self.tolerated: list[re.Pattern[str]] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.page_errors.append(str(error)))
+        page.on("request", self._request)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.console_errors.append(f"{message.text} at {message.location}")
+
+    def _request(self, request: Request) -> None:
+        url = request.url
+        own = url == self.origin or url.startswith(self.origin + "/")
+        if not own and not url.startswith(("data:", "blob:")):
+            self.foreign.append(url)
+
+    def problems(self) -> list[str]:
+        errors = [e for e in self.console_errors if not any(p.search(e) for p in self.tolerated)]
+        return (
+            [f"console error: {e}" for e in errors]
+            + [f"page error: {e}" for e in self.page_errors]
+            + [f"request to another origin: {u}" for u in self.foreign]
+        )
+
+
+OpenPage = Callable[..., "tuple[Page, Watch]"]
+
+
+@pytest.fixture
+def open_page(browser: Browser, server: SampleAppProcess) -> Iterator[OpenPage]:
+    """``open_page(path=None, app=None)``: a new browser context on the dashboard."""
+    contexts: list[Any] = []
+    watches: list[Watch] = []
+
+    def open_(path: str | None = None, app: SampleAppProcess | None = None) -> tuple[Page, Watch]:
+        app = app or server
+        context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        watch = Watch(page, app.url)
+        watches.append(watch)
+        page.goto(app.url + (path if path is not None else f"/?token={TOKEN}"))
+        return page, watch
+
+    yield open_
+    for context in contexts:
+        context.close()
+    problems = [p for watch in watches for p in watch.problems()]
+    assert not problems, "\n".join(problems)
+
+
+def _connected(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#trading-state")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#trading-state")).to_have_text("trading: connected")
+
+
+def _place(page: Page, symbol: str, side: str, qty: str, price: str) -> int:
+    """Place an order through the form; return its id from the page's status line."""
+    from playwright.sync_api import expect
+
+    page.fill("#order-symbol", symbol)
+    page.select_option("#order-side", side)
+    page.fill("#order-qty", qty)
+    page.fill("#order-price", price)
+    result = page.locator("#order-result")
+    previous = result.text_content() or ""
+    page.click("#order-submit")
+    expect(result).not_to_have_text(previous)
+    expect(result).to_have_attribute("data-ok", "true")
+    found = re.match(r"Order #(\d+)", result.text_content() or "")
+    assert found, result.text_content()
+    return int(found.group(1))
+
+
+def _order_row(page: Page, order_id: int) -> Any:
+    return page.locator(f'#orders tr[data-order-id="{order_id}"]')
+
+
+def test_the_page_connects_to_trading_and_monitor(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page()
+    _connected(page)
+    expect(page.locator("#monitor-state")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#monitor-status")).to_have_attribute("data-status", "healthy")
+    expect(page.locator("#workers tbody tr")).to_have_count(1)
+    expect(page.locator("#stat-checked-out")).to_have_text(re.compile(r"^\d+ / \d+$"))
+    assert page.locator("#chart canvas").count() == 1  # uPlot drew its chart
+    assert page.locator("#monitor-message").is_hidden()
+
+
+def test_an_order_placed_on_one_page_appears_on_another(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    a, _ = open_page()
+    b, _ = open_page()
+    _connected(a)
+    _connected(b)
+    order_id = _place(a, "BRW.A", "buy", "3", "42.5")
+    for page in (a, b):
+        row = _order_row(page, order_id)
+        expect(row).to_be_visible()
+        expect(row.locator(".symbol")).to_have_text("BRW.A")
+        expect(row.locator(".side")).to_have_text("buy")
+        expect(row.locator(".qty")).to_have_text("3")
+        expect(row.locator(".price")).to_have_text("42.5")
+        expect(row).to_have_attribute("data-status", "open")
+
+
+def test_crossing_orders_make_a_trade_on_both_pages(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    a, _ = open_page()
+    b, _ = open_page()
+    _connected(a)
+    _connected(b)
+    sell_id = _place(a, "BRW.T", "sell", "2", "50")
+    expect(_order_row(b, sell_id)).to_be_visible()
+    buy_id = _place(b, "BRW.T", "buy", "5", "51")
+    for page in (a, b):
+        trade = page.locator(f'#trades tr[data-sell-order-id="{sell_id}"]')
+        expect(trade).to_have_count(1)
+        expect(trade).to_have_attribute("data-buy-order-id", str(buy_id))
+        expect(trade.locator(".price")).to_have_text("50")  # the resting order's price
+        expect(trade.locator(".qty")).to_have_text("2")
+        expect(_order_row(page, sell_id)).to_have_attribute("data-status", "filled")
+        buy = _order_row(page, buy_id)
+        expect(buy).to_have_attribute("data-status", "open")
+        expect(buy.locator(".qty")).to_have_text("3")  # 5 - 2 still open
+
+
+def test_cancel_from_the_page(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    a, _ = open_page()
+    b, _ = open_page()
+    _connected(a)
+    _connected(b)
+    order_id = _place(a, "BRW.C", "sell", "1", "99")
+    expect(_order_row(b, order_id)).to_have_attribute("data-status", "open")
+    _order_row(a, order_id).get_by_role("button", name="Cancel").click()
+    expect(a.locator("#order-result")).to_have_text(f"Order #{order_id} cancelled")
+    for page in (a, b):
+        expect(_order_row(page, order_id)).to_have_attribute("data-status", "cancelled")
+        expect(_order_row(page, order_id).get_by_role("button")).to_have_count(0)
+
+
+def test_a_rejected_order_shows_the_reason(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page()
+    _connected(page)
+    page.fill("#order-symbol", "BAD SYMBOL")  # the server validates, whatever the form says
+    page.evaluate("document.getElementById('order-symbol').removeAttribute('pattern')")
+    page.click("#order-submit")
+    result = page.locator("#order-result")
+    expect(result).to_have_attribute("data-ok", "false")
+    expect(result).to_contain_text("[invalid_request]")
+
+
+def _cell(page: Page, field: str) -> str:
+    cell = page.locator(f'#latency tr[data-event="/trading:place_order"] td[data-field="{field}"]')
+    return (cell.text_content() or "") if cell.count() else ""
+
+
+def _number(text: str) -> float:
+    cleaned = text.replace(",", "").strip()
+    return float(cleaned) if re.fullmatch(r"\d+(\.\d+)?", cleaned) else -1.0
+
+
+def test_the_monitor_moves_under_load(open_page: OpenPage, server: SampleAppProcess) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page()
+    _connected(page)
+    expect(page.locator("#monitor-state")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#stat-events")).not_to_have_text("\u2013")  # the placeholder
+    events_before = _number(page.locator("#stat-events").text_content() or "")
+    count_before = max(0.0, _number(_cell(page, "count")))
+    points_before = page.evaluate("document.querySelectorAll('#chart canvas').length")
+    assert points_before == 1
+
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sample_app.load",
+            "--url",
+            server.url,
+            "--clients",
+            "4",
+            "--rate",
+            "20",
+            "--duration",
+            "8",
+            "--symbols",
+            "LOAD.A,LOAD.B",
+            "--seed",
+            "5",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # while the load runs: the rate shows, and the event count and latency move
+        wait_for(
+            lambda: _number(page.locator("#stat-rate").text_content() or "") > 5,
+            15,
+            "events/s never showed the load",
+            interval=0.2,
+        )
+        wait_for(
+            lambda: _number(_cell(page, "count")) >= count_before + 50,
+            15,
+            "the place_order count did not move",
+            interval=0.2,
+        )
+        assert _number(_cell(page, "p50_ms")) >= 0
+        assert _number(_cell(page, "p99_ms")) >= _number(_cell(page, "p50_ms"))
+        assert _number(page.locator("#stat-events").text_content() or "") > events_before
+        expect(page.locator("#trades tbody tr").first).to_be_visible()
+        time.sleep(2)  # a little more history in the chart for the screenshot
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        if os.environ.get("DBCTX_UPDATE_SCREENSHOT") == "1":
+            page.screenshot(path=str(REPO_ROOT / "docs" / "dashboard.png"), full_page=True)
+    finally:
+        output, _ = load.communicate(timeout=60)
+    assert load.returncode == 0, output
+    # after the load the count keeps what it reached and nothing is left checked out
+    expect(page.locator("#stat-checked-out")).to_have_text(re.compile(r"^0 / \d+$"))
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def test_a_wrong_token_is_refused_and_trading_still_works(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page("/?token=wrong")
+    _connected(page)
+    expect(page.locator("#monitor-state")).to_have_attribute("data-state", "refused")
+    expect(page.locator("#monitor-message")).to_contain_text("refused")
+    expect(page.locator("#workers tbody tr")).to_have_count(0)
+    assert _place(page, "BRW.W", "buy", "1", "1") > 0
+
+
+def test_without_a_token_the_page_says_how_to_get_one(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page("/")
+    _connected(page)
+    expect(page.locator("#monitor-state")).to_have_text("monitor: no token")
+    expect(page.locator("#monitor-message")).to_contain_text("?token=")
+
+
+def test_the_page_reconnects_after_a_server_restart(open_page: OpenPage, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    database_url = f"sqlite:///{tmp_path}/restart.db"
+    first = _start(database_url, tmp_path / "first.log")
+    second: SampleAppProcess | None = None
+    try:
+        page, watch = open_page(app=first)
+        # while the server is down the browser logs its failed attempts; nothing else
+        origin = re.escape(first.url.replace("http://", ""))
+        watch.tolerated.append(re.compile(rf"(ws|http)://{origin}/socket\.io/.*"))
+        _connected(page)
+        first.stop()
+        expect(page.locator("#trading-state")).to_have_attribute(
+            "data-state", re.compile("disconnected|reconnecting")
+        )
+        expect(page.locator("#trading-state")).to_have_attribute("data-state", "reconnecting")
+        # an order that arrives while the page is away is loaded when it comes back
+        engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO orders (symbol, side, qty, price, status, created_at) "
+                    "VALUES ('BRW.R', 'buy', 7, 1.5, 'open', :now)"
+                ),
+                {"now": time.time()},
+            )
+            order_id = conn.execute(sa.text("SELECT max(id) FROM orders")).scalar()
+        engine.dispose()
+        second = _start(database_url, tmp_path / "second.log", port=first.port)
+        _connected(page)
+        expect(page.locator("#monitor-state")).to_have_attribute("data-state", "connected")
+        expect(_order_row(page, int(order_id))).to_be_visible()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
