@@ -29,14 +29,27 @@ _NO_DB = (
 
 
 class SessionSource:
-    """Interface of a session source."""
+    """Interface of a session source.
 
-    def open(self) -> tuple[Session, Any]:
-        """Open a fresh session for a scope (inside its fresh app context)."""
+    Sessions are created lazily: a scope whose code never touches the database costs
+    no Session at all. ``open``/``close`` bracket a scope; ``get`` returns the scope's
+    session, creating it on first use; ``active`` returns it only if it exists.
+    """
+
+    def open(self) -> Any:
+        """Prepare a scope (inside its fresh app context); returns a token for ``close``."""
+        return None
+
+    def get(self, token: Any) -> Session:
+        """The scope's session, created on first use."""
         raise NotImplementedError
 
-    def close(self, session: Session, token: Any) -> None:
-        """Close the scope's session and restore whatever was there before."""
+    def active(self, token: Any) -> Session | None:
+        """The scope's session if it was created, else None."""
+        raise NotImplementedError
+
+    def close(self, token: Any) -> None:
+        """Close the scope's session, if any, and restore whatever was there before."""
         raise NotImplementedError
 
     def engines(self, app: Flask) -> dict[str, Engine]:
@@ -63,11 +76,17 @@ class FlaskSQLAlchemySource(SessionSource):
             raise ContextSetupError(_NO_DB)
         return db
 
-    def open(self) -> tuple[Session, Any]:
-        return self._resolve(current_app).session(), None
+    def open(self) -> Any:
+        return self._resolve(current_app).session
 
-    def close(self, session: Session, token: Any) -> None:
-        self._resolve(current_app).session.remove()
+    def get(self, token: Any) -> Session:
+        return token()  # type: ignore[no-any-return]
+
+    def active(self, token: Any) -> Session | None:
+        return token() if token.registry.has() else None
+
+    def close(self, token: Any) -> None:
+        token.remove()
 
     def engines(self, app: Flask) -> dict[str, Engine]:
         db = self._resolve(app)
@@ -79,12 +98,22 @@ class FlaskSQLAlchemySource(SessionSource):
         return {("default" if key is None else key): engine for key, engine in engines.items()}
 
 
+class _Own:
+    """Token of a ``sessionmaker`` scope: the session, once made."""
+
+    __slots__ = ("previous", "session")
+
+    def __init__(self, previous: Session | None = None) -> None:
+        self.session: Session | None = None
+        self.previous = previous
+
+
 class SessionFactorySource(SessionSource):
     """Sessions from a plain SQLAlchemy ``sessionmaker`` or ``scoped_session``.
 
-    For a ``scoped_session`` the scope's session is installed in its registry for the
-    duration of the scope, so ``Session()`` and ``Session.add(...)`` in the handler
-    reach it; whatever the registry held before comes back afterwards.
+    For a ``scoped_session`` the registry is emptied for the duration of the scope, so
+    ``Session()`` and ``Session.add(...)`` in the handler create and reach the scope's
+    own session; whatever the registry held before comes back afterwards.
 
     :param factory: a ``sessionmaker`` or a ``scoped_session``.
     """
@@ -96,27 +125,41 @@ class SessionFactorySource(SessionSource):
                 f"got {type(factory).__name__}"
             )
         self._factory = factory
+        self._scoped = isinstance(factory, scoped_session)
 
-    def open(self) -> tuple[Session, Any]:
-        factory = self._factory
-        if isinstance(factory, scoped_session):
-            registry = factory.registry
-            previous = registry() if registry.has() else None
-            session = factory.session_factory()
-            registry.set(session)
-            return session, previous
-        return factory(), None
+    def open(self) -> Any:
+        if self._scoped:
+            registry = self._factory.registry  # type: ignore[union-attr]
+            own = _Own(registry() if registry.has() else None)
+            registry.clear()
+            return own
+        return _Own()
 
-    def close(self, session: Session, token: Any) -> None:
+    def get(self, token: Any) -> Session:
+        if self._scoped:
+            return self._factory()  # type: ignore[no-any-return]
+        if token.session is None:
+            token.session = self._factory()
+        return token.session  # type: ignore[no-any-return]
+
+    def active(self, token: Any) -> Session | None:
+        if self._scoped:
+            registry = self._factory.registry  # type: ignore[union-attr]
+            return registry() if registry.has() else None
+        return token.session  # type: ignore[no-any-return]
+
+    def close(self, token: Any) -> None:
+        session = self.active(token)
         try:
-            session.close()
+            if session is not None:
+                session.close()
         finally:
-            factory = self._factory
-            if isinstance(factory, scoped_session):
-                if token is None:
-                    factory.registry.clear()
+            if self._scoped:
+                registry = self._factory.registry  # type: ignore[union-attr]
+                if token.previous is None:
+                    registry.clear()
                 else:
-                    factory.registry.set(token)
+                    registry.set(token.previous)
 
     def engines(self, app: Flask) -> dict[str, Engine]:
         maker = (
