@@ -22,6 +22,9 @@ __all__ = ["Admission", "ProcessLimit", "semaphore_factory"]
 
 Semaphore = Any
 
+# Released per-client semaphores kept for reuse (bounded: idle clients cost nothing).
+_SPARE_MAX = 256
+
 
 def semaphore_factory(async_mode: str | None) -> Callable[[int], Semaphore]:
     """The bounded-semaphore class of an async mode."""
@@ -86,6 +89,7 @@ class Admission:
         self.per_client = per_client
         self.timeout = timeout
         self._clients: dict[str, _Client] = {}
+        self._spare: list[Semaphore] = []
         self._lock = threading.Lock()
 
     def run(self, sid: str | None, call_next: CallNext) -> Any:
@@ -117,7 +121,11 @@ class Admission:
         with self._lock:
             client = self._clients.get(sid)
             if client is None:
-                client = self._clients[sid] = _Client(self.process.make(self.per_client))
+                # a released semaphore from the spare list saves building one per event
+                semaphore = (
+                    self._spare.pop() if self._spare else self.process.make(self.per_client)
+                )
+                client = self._clients[sid] = _Client(semaphore)
             client.users += 1
             return client
 
@@ -127,6 +135,8 @@ class Admission:
             client.users -= 1
             if client.users == 0:
                 self._clients.pop(sid, None)
+                if len(self._spare) < _SPARE_MAX:
+                    self._spare.append(client.semaphore)  # every slot is free again
 
     def clients(self) -> int:
         """How many sids have events running or waiting."""

@@ -20,7 +20,7 @@ from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, load_settings
 from .errors import ContextSetupError
 from .health import health_check
-from .leaks import LeakWatchdog, PoolTracker
+from .leaks import LeakWatchdog, PoolTracker, Stack
 from .metrics import EventMetrics
 from .monitor import MonitorNamespace
 from .pool import pool_capacity, pool_status, worst_status
@@ -38,11 +38,17 @@ logger = logging.getLogger("socketio_dbctx")
 T = TypeVar("T")
 
 
-def _describe_checkout() -> tuple[str | None, str | None]:
+def _describe_checkout() -> tuple[str | None, str | None, Stack | None]:
     scope = context.current_scope()
     if scope is None:
-        return None, None
-    return scope.label, scope.event.sid if scope.event is not None else None
+        return None, None, None
+    event = scope.event
+    if event is None:
+        return scope.label, None, None
+    # Inside an event the handler says where: no stack walk on the hot path.
+    code = getattr(getattr(event.handler, "__func__", event.handler), "__code__", None)
+    where = ((code.co_filename, code.co_firstlineno, code.co_name),) if code else None
+    return scope.label, event.sid, where
 
 
 class AppState:

@@ -70,7 +70,7 @@ class WebSocketContextHelper:
         state = ext._state(app) if isinstance(ext, DBContext) and db is None else None
         self._source = state.source if state else FlaskSQLAlchemySource(db)
         self._settings = state.settings if state else load_settings(app.config, {})
-        self._tracker = state.tracker if state else PoolTracker(lambda: (None, None))
+        self._tracker = state.tracker if state else PoolTracker(lambda: (None, None, None))
 
     # -- running code ---------------------------------------------------------------
 

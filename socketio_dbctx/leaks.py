@@ -23,12 +23,20 @@ __all__ = ["Checkout", "LeakWatchdog", "PoolTracker", "short_stack"]
 logger = logging.getLogger("socketio_dbctx")
 
 # Frames of these packages say nothing about who took the connection.
-_SKIP = ("/sqlalchemy/", "/socketio_dbctx/", "/flask_sqlalchemy/", "/contextlib.py")
+_SKIP = (
+    "/sqlalchemy/",
+    "<sqlalchemy",  # its generated wrappers
+    "/socketio_dbctx/",
+    "/flask_sqlalchemy/",
+    "/contextlib.py",
+)
 
-Describe = Callable[[], "tuple[str | None, str | None]"]
+Stack = tuple[tuple[str, int, str], ...]
+#: ``() -> (label, sid, stack or None)`` for whoever checks out now
+Describe = Callable[[], "tuple[str | None, str | None, Stack | None]"]
 
 
-def short_stack(limit: int = 6) -> tuple[tuple[str, int, str], ...]:
+def short_stack(limit: int = 6) -> Stack:
     """The caller's innermost ``limit`` frames outside SQLAlchemy and this package.
 
     Walks frames directly (a few microseconds) instead of ``traceback.extract_stack``;
@@ -44,7 +52,7 @@ def short_stack(limit: int = 6) -> tuple[tuple[str, int, str], ...]:
     return tuple(frames)
 
 
-def _format(stack: tuple[tuple[str, int, str], ...]) -> str:
+def _format(stack: Stack) -> str:
     return "".join(f'  File "{f}", line {n}, in {name}\n' for f, n, name in stack)
 
 
@@ -53,9 +61,7 @@ class Checkout:
 
     __slots__ = ("label", "reported", "sid", "since", "stack")
 
-    def __init__(
-        self, label: str | None, sid: str | None, stack: tuple[tuple[str, int, str], ...] | None
-    ) -> None:
+    def __init__(self, label: str | None, sid: str | None, stack: Stack | None) -> None:
         self.since = time.monotonic()
         self.label = label
         self.sid = sid
@@ -69,7 +75,8 @@ class Checkout:
 class PoolTracker:
     """Follows the checkouts of the engines it is attached to.
 
-    :param describe: returns ``(label, sid)`` of whoever checks out now.
+    :param describe: returns ``(label, sid, stack)`` of whoever checks out now; a
+        ``None`` stack is filled in with :func:`short_stack` while the threshold is on.
     :param threshold: leak threshold in seconds; 0 turns reports and stacks off.
     """
 
@@ -92,8 +99,10 @@ class PoolTracker:
         describe, tracker = self._describe, self
 
         def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
-            label, sid = describe()
-            stack = short_stack() if tracker.threshold else None
+            label, sid, stack = describe()
+            if stack is None and tracker.threshold:
+                # outside an event the caller is unknown: walking the stack is worth it here
+                stack = short_stack()
             checkouts[id(rec)] = Checkout(label, sid, stack)
 
         def on_checkin(dbapi_conn: Any, rec: Any) -> None:

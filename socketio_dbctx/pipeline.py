@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import exc as sa_exc
@@ -93,14 +94,15 @@ class Event:
 def run_chain(
     middleware: Sequence[Middleware], event: Event, endpoint: Callable[[Event], Any]
 ) -> Any:
-    """Run ``event`` through ``middleware`` and then ``endpoint``."""
+    """Run ``event`` through ``middleware`` and then ``endpoint``.
 
-    def call(index: int) -> Any:
-        if index == len(middleware):
-            return endpoint(event)
-        return middleware[index](event, lambda: call(index + 1))
-
-    return call(0)
+    Each ``call_next`` is a ``functools.partial`` (no Python frame of its own), and
+    may be called again, as the retry middleware does.
+    """
+    call_next: CallNext = partial(endpoint, event)
+    for step in reversed(middleware):
+        call_next = partial(step, event, call_next)
+    return call_next()
 
 
 def metrics_middleware(event: Event, call_next: CallNext) -> Any:

@@ -59,69 +59,75 @@ class DBContextCollector:
         self._state = dbctx._state(app)
         self._app = app
 
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        pool, event = ["pool_name"], ["namespace", "event"]
+        return {
+            "count": GaugeMetricFamily(
+                "db_client_connection_count",
+                "Connections in the pool by state.",
+                labels=["pool_name", "state"],
+            ),
+            "max": GaugeMetricFamily(
+                "db_client_connection_max", "Most connections the pool allows.", labels=pool
+            ),
+            "pending": GaugeMetricFamily(
+                "db_client_connection_pending_requests",
+                "Events waiting for admission or a connection.",
+                labels=pool,
+            ),
+            "timeouts": CounterMetricFamily(
+                "db_client_connection_timeouts",
+                "Pool checkouts that timed out inside Socket.IO events.",
+                labels=pool,
+            ),
+            "events": CounterMetricFamily(
+                "socketio_dbctx_events",
+                "Socket.IO events handled, by outcome.",
+                labels=[*event, "outcome"],
+            ),
+            "durations": HistogramMetricFamily(
+                "socketio_dbctx_event_duration_seconds",
+                "Time from admission to ack, retries included.",
+                labels=event,
+            ),
+            "retries": CounterMetricFamily(
+                "socketio_dbctx_retries", "Retries of transient failures.", labels=[]
+            ),
+            "leaks": CounterMetricFamily(
+                "socketio_dbctx_leaks",
+                "Connections reported as leaked (out longer than DBCTX_LEAK_THRESHOLD).",
+                labels=[],
+            ),
+        }
+
     def describe(self) -> list[Metric]:
-        # Describing without collecting keeps registration free of database calls.
-        return []
+        # Names only: the registry checks for duplicates without any database call.
+        return list(self._families().values())
 
     def collect(self) -> Iterator[Metric]:
         state = self._state
-        pools = state.pool_statuses(self._app)
-        count = GaugeMetricFamily(
-            "db_client_connection_count",
-            "Connections in the pool by state.",
-            labels=["pool_name", "state"],
-        )
-        maximum = GaugeMetricFamily(
-            "db_client_connection_max", "Most connections the pool allows.", labels=["pool_name"]
-        )
-        pending = GaugeMetricFamily(
-            "db_client_connection_pending_requests",
-            "Events waiting for admission or a connection.",
-            labels=["pool_name"],
-        )
-        timeouts = CounterMetricFamily(
-            "db_client_connection_timeouts",
-            "Pool checkouts that timed out inside Socket.IO events.",
-            labels=["pool_name"],
-        )
-        for name, pool in pools.items():
-            count.add_metric([name, "idle"], pool["checked_in"])
-            count.add_metric([name, "used"], pool["checked_out"])
+        f = self._families()
+        for name, pool in state.pool_statuses(self._app).items():
+            f["count"].add_metric([name, "idle"], pool["checked_in"])
+            f["count"].add_metric([name, "used"], pool["checked_out"])
             if pool["capacity"] is not None:
-                maximum.add_metric([name], pool["capacity"])
-            pending.add_metric([name], pool["waiting"])
+                f["max"].add_metric([name], pool["capacity"])
+            f["pending"].add_metric([name], pool["waiting"])
         # SQLAlchemy's TimeoutError does not say which pool; events use the default one.
-        timeouts.add_metric(["default"], state.metrics.pool_timeouts)
-        yield from (count, maximum, pending, timeouts)
-
-        events = CounterMetricFamily(
-            "socketio_dbctx_events",
-            "Socket.IO events handled, by outcome.",
-            labels=["namespace", "event", "outcome"],
-        )
-        durations = HistogramMetricFamily(
-            "socketio_dbctx_event_duration_seconds",
-            "Time from admission to ack, retries included.",
-            labels=["namespace", "event"],
-        )
+        f["timeouts"].add_metric(["default"], state.metrics.pool_timeouts)
         for s in state.metrics.stats():
             ok = s.count - s.errors - s.busy
             for outcome, value in (("ok", ok), ("error", s.errors), ("busy", s.busy)):
-                events.add_metric([s.namespace, s.event, outcome], value)
+                f["events"].add_metric([s.namespace, s.event, outcome], value)
             cumulative, buckets = 0, []
             for bound, hits in zip((*map(str, BUCKETS), "+Inf"), s.buckets):
                 cumulative += hits
                 buckets.append((bound, cumulative))
-            durations.add_metric([s.namespace, s.event], buckets, s.total_seconds)
-        yield from (events, durations)
-        yield CounterMetricFamily(
-            "socketio_dbctx_retries", "Retries of transient failures.", state.metrics.retries_total
-        )
-        yield CounterMetricFamily(
-            "socketio_dbctx_leaks",
-            "Connections reported as leaked (out longer than DBCTX_LEAK_THRESHOLD).",
-            state.tracker.leaks_total,
-        )
+            f["durations"].add_metric([s.namespace, s.event], buckets, s.total_seconds)
+        f["retries"].add_metric([], state.metrics.retries_total)
+        f["leaks"].add_metric([], state.tracker.leaks_total)
+        yield from f.values()
 
 
 def register(
