@@ -1,6 +1,9 @@
 """Per-event overhead of ``DBContextNamespace`` against a plain ``flask_socketio.Namespace``.
 
-Both namespaces live on one app and one ``SocketIO`` and have identical handlers:
+Two apps over the same database, each with its own ``SocketIO`` and test client: a
+plain ``flask_socketio.Namespace`` in an app without socketio_dbctx, and a
+``DBContextNamespace`` in an app set up with ``DBContext(app, socketio, db)`` (so the
+plain side carries none of our pool listeners). Their handlers are identical:
 
 * ``noop``: ``return 1``;
 * ``pk``: ``db.session.get(Item, 1)`` returned as a small dict (Flask-SQLAlchemy).
@@ -36,6 +39,7 @@ import os
 import platform
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +47,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask, has_app_context
@@ -78,17 +82,17 @@ PACKAGES = (
 
 
 @dataclass
-class Bench:
-    """One app with a plain and a dbctx namespace over the same database."""
+class Side:
+    """One app, its database handle and a test client connected to its namespace."""
 
+    namespace: str
     app: Flask
     db: SQLAlchemy
-    socketio: SocketIO
     client: Any
-    probe_sessions: list[Any] = field(default_factory=list)
+    probe_sessions: list[Any]
 
-    def emit(self, namespace: str, event: str) -> Any:
-        return self.client.emit(event, namespace=namespace, callback=True)
+    def emit(self, event: str) -> Any:
+        return self.client.emit(event, namespace=self.namespace, callback=True)
 
     def pool_checked_out(self) -> int:
         with self.app.app_context():
@@ -105,8 +109,32 @@ class Bench:
                 engine.dispose()
 
 
-def build(url: str) -> Bench:
-    app = Flask("overhead")
+@dataclass
+class Bench:
+    """The plain app and the dbctx app, over the same database."""
+
+    plain: Side
+    ours: Side
+
+    def side(self, namespace: str) -> Side:
+        return self.plain if namespace == "/plain" else self.ours
+
+    def emit(self, namespace: str, event: str) -> Any:
+        return self.side(namespace).emit(event)
+
+    def close(self) -> None:
+        self.plain.close()
+        self.ours.close()
+
+
+def build_side(url: str, namespace: str) -> Side:
+    """An app whose namespace runs the benchmark handlers.
+
+    ``/plain`` is a ``flask_socketio.Namespace`` in an app without socketio_dbctx (so
+    its engine carries none of our pool listeners); ``/dbctx`` is a
+    ``DBContextNamespace`` in an app set up with ``DBContext(app, socketio, db)``.
+    """
+    app = Flask(f"overhead{namespace.replace('/', '_')}")
     app.config.update(
         SQLALCHEMY_DATABASE_URI=url,
         SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 5, "max_overflow": 10},
@@ -127,7 +155,6 @@ def build(url: str) -> Bench:
             db.session.commit()
 
     socketio = SocketIO(app, async_mode="threading")
-    DBContext(app, socketio, db)
     probe_sessions: list[Any] = []
 
     class Handlers:
@@ -147,19 +174,27 @@ def build(url: str) -> Bench:
             probe_sessions.append(session)
             return db.session.get(Item, 1) is not None
 
-    class Plain(Handlers, Namespace):  # type: ignore[misc]
-        pass
+    if namespace == "/plain":
 
-    class Ours(Handlers, DBContextNamespace):
-        pass
+        class Plain(Handlers, Namespace):  # type: ignore[misc]
+            pass
 
-    socketio.on_namespace(Plain("/plain"))
-    socketio.on_namespace(Ours("/dbctx"))
-    client = socketio.test_client(app, namespace="/plain")
-    client.connect(namespace="/dbctx")
-    if not (client.is_connected("/plain") and client.is_connected("/dbctx")):
-        raise RuntimeError("the test client could not connect to both namespaces")
-    return Bench(app, db, socketio, client, probe_sessions)
+        socketio.on_namespace(Plain(namespace))
+    else:
+        DBContext(app, socketio, db)
+
+        class Ours(Handlers, DBContextNamespace):
+            pass
+
+        socketio.on_namespace(Ours(namespace))
+    client = socketio.test_client(app, namespace=namespace)
+    if not client.is_connected(namespace):
+        raise RuntimeError(f"the test client could not connect to {namespace}")
+    return Side(namespace, app, db, client, probe_sessions)
+
+
+def build(url: str) -> Bench:
+    return Bench(build_side(url, "/plain"), build_side(url, "/dbctx"))
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -170,22 +205,23 @@ def hygiene(bench: Bench, events: int = 50) -> str:
     if has_app_context():
         raise RuntimeError("an app context is active around the test client")
     parts = []
-    for ns in ("/plain", "/dbctx"):
-        bench.probe_sessions.clear()
+    for side in (bench.plain, bench.ours):
+        ns = side.namespace
+        side.probe_sessions.clear()
         for _ in range(events):
-            if bench.emit(ns, "probe") is not True:
+            if side.emit("probe") is not True:
                 raise RuntimeError(f"{ns}: probe event failed")
-            left, out = bench.scoped_sessions_left(), bench.pool_checked_out()
+            left, out = side.scoped_sessions_left(), side.pool_checked_out()
             if left or out:
                 raise RuntimeError(
                     f"{ns}: after an event {left} session(s) stay in db.session's registry "
                     f"and {out} connection(s) stay checked out"
                 )
-        distinct = len({id(s) for s in bench.probe_sessions})
+        distinct = len({id(s) for s in side.probe_sessions})
         if distinct != events:
             raise RuntimeError(f"{ns}: {events} events shared {distinct} session(s)")
         parts.append(f"{ns} {distinct}/{events} distinct sessions")
-        bench.probe_sessions.clear()
+        side.probe_sessions.clear()
     return ", ".join(parts) + "; 0 left in registry, 0 connections out after each event"
 
 
@@ -198,11 +234,12 @@ def check_acks(bench: Bench, event: str) -> None:
 # -- timing -------------------------------------------------------------------------------
 
 
-def time_block(emit: Callable[[str, str], Any], namespace: str, event: str, n: int) -> float:
-    """Microseconds per event over ``n`` events."""
+def time_block(side: Side, event: str, n: int) -> float:
+    """Microseconds per event over ``n`` events (the same loop for both sides)."""
+    emit, namespace = side.client.emit, side.namespace
     start = time.perf_counter()
     for _ in range(n):
-        emit(namespace, event)
+        emit(event, namespace=namespace, callback=True)
     return (time.perf_counter() - start) / n * 1e6
 
 
@@ -212,30 +249,34 @@ class Result:
     handler: str
     plain: list[float] = field(default_factory=list)
     ours: list[float] = field(default_factory=list)
-    skipped: str | None = None
+    skipped: str | None = None  # "skipped: ..." or "failed: ...": why there are no numbers
 
     @property
     def ratios(self) -> list[float]:
         return [o / p for o, p in zip(self.ours, self.plain)]
 
+    @property
+    def added(self) -> list[float]:
+        return [o - p for o, p in zip(self.ours, self.plain)]
+
 
 def measure(bench: Bench, database: str, handler: str, rounds: int, n: int) -> Result:
     event = EVENT_OF[handler]
     check_acks(bench, event)
-    emit = bench.emit
     # warm-up: caches, the pool, SQLAlchemy's compiled statement cache, the CPU
     warm = max(100, n // 4)
-    for ns in ("/plain", "/dbctx"):
-        time_block(emit, ns, event, warm)
+    for side in (bench.plain, bench.ours):
+        time_block(side, event, warm)
     result = Result(database, handler)
     for r in range(rounds):
-        order = ("/plain", "/dbctx") if r % 2 == 0 else ("/dbctx", "/plain")
-        for ns in order:
+        order = (bench.plain, bench.ours) if r % 2 == 0 else (bench.ours, bench.plain)
+        for side in order:
             gc.collect()
-            us = time_block(emit, ns, event, n)
-            (result.plain if ns == "/plain" else result.ours).append(us)
-        if bench.scoped_sessions_left() or bench.pool_checked_out():
-            raise RuntimeError(f"{database} {handler}: a session or connection leaked")
+            us = time_block(side, event, n)
+            (result.plain if side is bench.plain else result.ours).append(us)
+        for side in (bench.plain, bench.ours):
+            if side.scoped_sessions_left() or side.pool_checked_out():
+                raise RuntimeError(f"{database} {handler} {side.namespace}: a session leaked")
     return result
 
 
@@ -265,9 +306,7 @@ def run_database(
 
 def run_sqlite(rounds: int, events: int, notes: list[str]) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="dbctx-bench-") as tmp:
-        return run_database(
-            "SQLite", f"sqlite:///{tmp}/overhead.db", rounds, events, notes
-        )
+        return run_database("SQLite", f"sqlite:///{tmp}/overhead.db", rounds, events, notes)
 
 
 def run_postgres(rounds: int, events: int, notes: list[str]) -> list[Result]:
@@ -280,17 +319,16 @@ def run_postgres(rounds: int, events: int, notes: list[str]) -> list[Result]:
             version = conn.exec_driver_sql("SHOW server_version").scalar()
     except Exception as exc:
         admin.dispose()
-        reason = f"PostgreSQL unreachable at {safe_url} ({type(exc).__name__}: {exc})"
-        reason = " ".join(reason.split())
-        return [Result("PostgreSQL", h, skipped=reason) for h in HANDLERS]
+        cause = getattr(exc, "orig", None) or exc  # the driver's error, without SQL noise
+        first = (str(cause).strip().splitlines() or [""])[0]
+        reason = f"PostgreSQL unreachable at {safe_url} ({type(cause).__name__}: {first})"
+        return [Result("PostgreSQL", h, skipped=f"skipped: {reason}") for h in HANDLERS]
     notes.append(f"PostgreSQL: server {version} at {safe_url}")
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     with admin.begin() as conn:
         conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     try:
-        return run_database(
-            "PostgreSQL", schema_url(POSTGRES_URL, schema), rounds, events, notes
-        )
+        return run_database("PostgreSQL", schema_url(POSTGRES_URL, schema), rounds, events, notes)
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
@@ -301,10 +339,40 @@ def run_postgres(rounds: int, events: int, notes: list[str]) -> list[Result]:
 # -- report -------------------------------------------------------------------------------
 
 
+def library_state() -> str:
+    """Where socketio_dbctx was imported from, and its git commit when it is a checkout."""
+    import socketio_dbctx
+
+    where = os.path.dirname(os.path.abspath(socketio_dbctx.__file__))
+    try:
+        git = ["git", "--no-optional-locks", "-C", where]
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return where
+    if not commit:
+        return where
+    changed = sum(1 for line in dirty if line.strip())
+    return f"{where} at {commit}" + (f" + {changed} uncommitted file(s)" if changed else "")
+
+
+def load_average() -> str:
+    """The 1-minute load average: above the CPU count, other processes skew the numbers."""
+    try:
+        return f"load average {os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "load average unknown"
+
+
 def header(rounds: int, events: int) -> None:
     print("# socketio_dbctx per-event overhead\n")
     print(f"- Python {platform.python_version()} ({platform.python_implementation()})")
-    print(f"- platform: {platform.platform()}; machine {platform.machine()}; {os.cpu_count()} CPUs")
+    machine = f"machine {platform.machine()}; {os.cpu_count()} CPUs"
+    print(f"- platform: {platform.platform()}; {machine}; {load_average()} at the start")
     print(f"- SQLite library {sqlite3.sqlite_version}")
     versions = []
     for name in PACKAGES:
@@ -313,9 +381,16 @@ def header(rounds: int, events: int) -> None:
         except metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
     print(f"- packages: {', '.join(versions)}")
+    print(f"- socketio_dbctx source: {library_state()}")
     print(
         f"- method: Flask-SocketIO test client, one thread, async_mode=threading; "
         f"{rounds} interleaved A/B rounds; --events {events} (no-op: all, PK lookup: half)"
+    )
+    print(
+        "- plain: flask_socketio.Namespace in an app without socketio_dbctx; dbctx: "
+        "DBContextNamespace in an app with DBContext(app, socketio, db), default settings; "
+        "same database, same handlers; µs/event = median over rounds; ratio and added µs "
+        "= median of the per-round values"
     )
     print()
 
@@ -329,14 +404,14 @@ def table(results: list[Result]) -> None:
     for r in results:
         target = HANDLERS[r.handler][0]
         if r.skipped:
-            print(f"| {r.database} | {r.handler} | skipped: {r.skipped} | | | | <= {target:.2f}x | |")
+            print(f"| {r.database} | {r.handler} | {r.skipped} | | | | <= {target:.2f}x | |")
             continue
         plain, ours = statistics.median(r.plain), statistics.median(r.ours)
-        ratio = statistics.median(r.ratios)
+        ratio, added = statistics.median(r.ratios), statistics.median(r.added)
         verdict = "yes" if ratio <= target else "**no**"
         print(
             f"| {r.database} | {r.handler} | {plain:.1f} | {ours:.1f} | {ratio:.3f}x "
-            f"| {ours - plain:+.1f} | <= {target:.2f}x | {verdict} |"
+            f"| {added:+.1f} | <= {target:.2f}x | {verdict} |"
         )
     print()
     for r in results:
@@ -358,12 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="no-op events per variant per round; the PK lookup runs half (default 2000)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke run: 5 rounds, 400 events"
-    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5 rounds, 400 events")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (5 if args.quick else 15)
-    events = args.events or (400 if args.quick else 2000)
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 15)
+    events = args.events if args.events is not None else (400 if args.quick else 2000)
     if rounds < 1 or events < 1:
         parser.error("--rounds and --events must be >= 1")
 
@@ -376,12 +449,12 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(runner(rounds, events, notes))
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            reason = " ".join(f"failed: {type(exc).__name__}: {exc}".split())
             results.extend(Result(name, h, skipped=reason) for h in HANDLERS)
     table(results)
     for note in notes:
         print(f"- {note}")
-    print(f"\ntotal time {time.perf_counter() - started:.1f} s")
+    print(f"\ntotal time {time.perf_counter() - started:.1f} s; {load_average()} at the end")
     return 0
 
 
