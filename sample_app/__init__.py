@@ -1,6 +1,16 @@
 """A small real-time trading desk that shows socketio_dbctx at work.
 
-Run it with ``python -m sample_app``. This package module stays import-light on
-purpose: ``__main__`` must monkey-patch for eventlet or gevent before Flask, the
-database driver or socket modules are imported (see ``sample_app.app``).
+``python -m sample_app`` serves it (see ``__main__``); ``python -m sample_app.load``
+trades against it with real Socket.IO clients.
+
+* ``app``: the app factory, the ``/trading`` namespace and the HTTP routes.
+* ``book``: price-time priority matching; ``outbox``: broadcasts after the commit.
+* ``models``, ``validation``: the tables, and strict checks of what clients send.
+* ``static/``, ``templates/``: the dashboard page; ``static/vendor/`` holds the
+  browser libraries from npm (``package.json`` at the repository root,
+  ``npm ci && npm run vendor`` to update them).
+* ``process``: runs the app as a child process, for tests and demos.
+
+This package module stays import-light on purpose: ``__main__`` must monkey-patch for
+eventlet or gevent before Flask, the database driver or socket modules are imported.
 """

@@ -1,12 +1,20 @@
 """``python -m sample_app [--host H] [--port P] [--async-mode M] [--database-url URL]
-[--message-queue URL]``."""
+[--message-queue URL]``.
+
+Environment: ``DATABASE_URL``, ``SOCKETIO_MESSAGE_QUEUE``, ``DBCTX_MONITOR_AUTH`` (the
+token of the ``/monitor`` namespace; generated at start when unset, and printed with
+the dashboard URL).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
+import secrets
 import sys
+from collections.abc import Mapping
+from urllib.parse import quote
 
 
 def default_async_mode() -> str:
@@ -14,24 +22,56 @@ def default_async_mode() -> str:
     return "eventlet" if importlib.util.find_spec("eventlet") else "threading"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sample_app", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
+def parse_args(
+    argv: list[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sample_app",
+        description="The socketio_dbctx trading desk with its live monitoring dashboard.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000, help="default: 5000")
     parser.add_argument(
-        "--async-mode", choices=("eventlet", "gevent", "threading"), default=default_async_mode()
+        "--async-mode",
+        choices=("eventlet", "gevent", "threading"),
+        default=default_async_mode(),
+        help="default: eventlet when installed, else threading",
     )
     parser.add_argument(
         "--database-url",
-        default=os.environ.get("DATABASE_URL"),
+        default=environ.get("DATABASE_URL") or None,
         help="SQLAlchemy URL (env DATABASE_URL); default: SQLite in the instance folder",
     )
     parser.add_argument(
         "--message-queue",
-        default=os.environ.get("SOCKETIO_MESSAGE_QUEUE"),
+        default=environ.get("SOCKETIO_MESSAGE_QUEUE") or None,
         help="Socket.IO message queue URL for several workers (env SOCKETIO_MESSAGE_QUEUE)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0-65535, got {args.port}")
+    return args
+
+
+def monitor_token(environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """``(token, generated)``: ``DBCTX_MONITOR_AUTH``, or a fresh random token."""
+    token = environ.get("DBCTX_MONITOR_AUTH")
+    if token:
+        return token, False
+    token = secrets.token_urlsafe(24)
+    while token.startswith("-"):  # would read as an option: `load --token -x...`
+        token = secrets.token_urlsafe(24)
+    return token, True
+
+
+def dashboard_url(host: str, port: int, token: str | None) -> str:
+    """Where to point a browser; ``token=None`` leaves a placeholder."""
+    if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine answers on loopback
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    query = quote(token, safe="") if token is not None else "<DBCTX_MONITOR_AUTH>"
+    return f"http://{host}:{port}/?token={query}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,10 +94,23 @@ def main(argv: list[str] | None = None) -> None:
 
     from .app import create_app, run
 
+    token, generated = monitor_token()
     app, socketio = create_app(
         database_url=args.database_url,
         async_mode=args.async_mode,
         message_queue=args.message_queue,
+        monitor_auth=token,
+    )
+    print(
+        f"socketio_dbctx sample app ({args.async_mode}) on "
+        f"{app.config['SQLALCHEMY_DATABASE_URI'].split('://', 1)[0]}",
+        flush=True,
+    )
+    if generated:
+        print("monitor token generated (set DBCTX_MONITOR_AUTH to choose one)", flush=True)
+    print(
+        f"dashboard: {dashboard_url(args.host, args.port, token if generated else None)}",
+        flush=True,
     )
     run(app, socketio, host=args.host, port=args.port)
 

@@ -2,43 +2,86 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
 from typing import Any
 
-from flask import Flask, jsonify, render_template
+from flask import Flask, Response, jsonify, render_template, send_from_directory
 from flask_socketio import SocketIO
+from sqlalchemy import event
 
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
 
-from . import validation
-from .models import Order, db
+from . import book, outbox, validation
+from .models import Order, Trade, db
+
+#: Everything the page loads comes from the app itself; the browser enforces it too.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+
+#: Defaults of the sample app; ``create_app(config=...)`` overrides them.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "DBCTX_MONITOR_INTERVAL": 1.0,  # the dashboard's chart moves every second
+}
 
 
 class Trading(DBContextNamespace):
-    """``/trading``: every handler runs in its own app context and session."""
+    """``/trading``: every handler runs in its own app context and session.
+
+    Broadcasts (``order_placed``, ``trade``, ``order_updated``) go out only after the
+    event's transaction has committed (see :mod:`sample_app.outbox`).
+    """
 
     def on_place_order(self, data: Any) -> dict[str, Any]:
         fields = validation.order_request(data)
-        order = Order(**fields)
-        self.session.add(order)
-        self.session.flush()  # assigns the id; the commit follows before the ack
-        payload = order.to_dict()
-        self.emit("order_placed", payload)
-        return {"ok": True, "order": payload}
+        match = book.place(self.session, **fields)
+        order = match.order.to_dict()
+        trades = [trade.to_dict() for trade in match.trades]
+        touched = [resting.to_dict() for resting in match.touched]
+
+        def broadcast() -> None:
+            self.emit("order_placed", order)
+            for trade in trades:
+                self.emit("trade", trade)
+            for resting in touched:
+                self.emit("order_updated", resting)
+
+        outbox.after_commit(self.session, broadcast)
+        return {"ok": True, "order": order}
 
     def on_list_orders(self, data: Any = None) -> dict[str, Any]:
-        symbol, limit = validation.list_request(data)
+        symbol, limit = validation.list_request(data, "list_orders")
         query = db.select(Order).order_by(Order.created_at.desc(), Order.id.desc()).limit(limit)
         if symbol is not None:
             query = query.where(Order.symbol == symbol)
         return {"orders": [o.to_dict() for o in self.session.scalars(query)]}
 
+    def on_list_trades(self, data: Any = None) -> dict[str, Any]:
+        symbol, limit = validation.list_request(data, "list_trades")
+        query = db.select(Trade).order_by(Trade.created_at.desc(), Trade.id.desc()).limit(limit)
+        if symbol is not None:
+            query = query.where(Trade.symbol == symbol)
+        return {"trades": [t.to_dict() for t in self.session.scalars(query)]}
+
     def on_cancel_order(self, order_id: Any) -> dict[str, Any]:
-        order = self.session.get(Order, validation.order_id(order_id))
-        if order is None or order.status != "open":
+        order = book.cancel(self.session, validation.order_id(order_id))
+        if order is None:
             raise InvalidRequestError("no open order with that id")
-        order.status = "cancelled"
+        payload = order.to_dict()
+        outbox.after_commit(self.session, lambda: self.emit("order_updated", payload))
         return {"ok": True}
+
+
+def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
+    # readers no longer wait for a writer's COMMIT
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
 
 
 def create_app(
@@ -46,34 +89,123 @@ def create_app(
     async_mode: str = "threading",
     message_queue: str | None = None,
     config: dict[str, Any] | None = None,
+    *,
+    monitor_auth: Any = None,
 ) -> tuple[Flask, SocketIO]:
-    """Build the app; ``database_url`` defaults to SQLite in the instance folder."""
+    """Build the app and create its tables.
+
+    :param database_url: SQLAlchemy URL; default: SQLite in the instance folder.
+    :param async_mode: ``threading``, ``eventlet`` or ``gevent`` (patch before importing).
+    :param message_queue: Socket.IO message queue URL, for several workers.
+    :param config: extra ``app.config`` (``DBCTX_*`` keys included).
+    :param monitor_auth: ``DBCTX_MONITOR_AUTH`` (a token): registers ``/monitor``.
+    """
     app = Flask(__name__)
     if database_url is None:
         os.makedirs(app.instance_path, exist_ok=True)
         database_url = "sqlite:///" + os.path.join(app.instance_path, "trading.db")
     app.config["SQLALCHEMY_DATABASE_URI"] = database_url
+    app.config.update(DEFAULT_CONFIG)
     app.config.update(config or {})
     db.init_app(app)
     socketio = SocketIO(app, async_mode=async_mode, message_queue=message_queue)
-    DBContext(app, socketio, db)
+    options = {} if monitor_auth is None else {"monitor_auth": monitor_auth}
+    dbctx = DBContext(app, socketio, db, **options)
     socketio.on_namespace(Trading("/trading"))
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        # the dashboard URL carries the monitor token
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
 
     @app.get("/")
     def index() -> str:
         return render_template("index.html")
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return send_from_directory(app.static_folder or "static", "favicon.png")
+
     @app.get("/healthz")
     def healthz() -> Any:
-        result = app.extensions["dbctx"].health_check()
+        result = dbctx.health_check()
         return jsonify(result), 200 if result["healthy"] else 503
 
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from socketio_dbctx.prometheus import metrics_response, register
+    except ImportError:
+        pass  # /metrics needs the `prometheus` extra
+    else:
+        registry = CollectorRegistry()
+        register(dbctx, app, registry)
+        app.add_url_rule(
+            "/metrics", "metrics", lambda: metrics_response(registry), methods=["GET"]
+        )
+
     with app.app_context():
+        engine = db.engine
+        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            event.listen(engine, "connect", _sqlite_wal)
         db.create_all()
     return app, socketio
 
 
+def _no_delay(sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not a TCP socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def server_options(async_mode: str) -> dict[str, Any]:
+    """Web server options that turn Nagle's algorithm off on every connection.
+
+    An ack and the broadcast right after it are two small WebSocket frames; with
+    Nagle on, the second waits for the client's delayed ACK (about 40 ms), which
+    the load driver measured as a ~50 ms round trip for a 3 ms event.
+    """
+    if async_mode == "threading":
+        from werkzeug.serving import WSGIRequestHandler
+
+        class Handler(WSGIRequestHandler):
+            disable_nagle_algorithm = True  # socketserver.StreamRequestHandler's switch
+
+        return {"request_handler": Handler}
+    if async_mode == "eventlet":
+        from eventlet.wsgi import HttpProtocol
+
+        class Protocol(HttpProtocol):  # type: ignore[misc]
+            def setup(self) -> None:
+                super().setup()
+                _no_delay(self.connection)
+
+        return {"protocol": Protocol}
+    if async_mode == "gevent":
+        from gevent.pywsgi import WSGIHandler
+
+        class GeventHandler(WSGIHandler):  # type: ignore[misc]
+            def handle(self) -> None:
+                _no_delay(self.socket)
+                super().handle()
+
+        return {"handler_class": GeventHandler}
+    return {}
+
+
 def run(app: Flask, socketio: SocketIO, host: str, port: int) -> None:
-    """Serve until interrupted, printing where."""
-    print(f"socketio_dbctx sample app: http://{host}:{port}/", flush=True)
-    socketio.run(app, host=host, port=port, allow_unsafe_werkzeug=True, log_output=False)
+    """Serve until interrupted. No access log: the dashboard URL carries the token."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    socketio.run(
+        app,
+        host=host,
+        port=port,
+        allow_unsafe_werkzeug=True,
+        log_output=False,
+        **server_options(socketio.async_mode),
+    )
+
+
+__all__ = ["CONTENT_SECURITY_POLICY", "Trading", "create_app", "run", "server_options"]

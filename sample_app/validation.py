@@ -11,6 +11,8 @@ from socketio_dbctx import InvalidRequestError
 SYMBOL = re.compile(r"[A-Z0-9.]{1,12}")
 ORDER_KEYS = frozenset({"symbol", "side", "qty", "price"})
 MAX_NUMBER = 1e9
+#: Largest id a 64-bit integer column holds; more would overflow the driver.
+MAX_ID = 2**63 - 1
 
 
 def _number(name: str, value: Any) -> float:
@@ -47,12 +49,15 @@ def order_request(data: Any) -> dict[str, Any]:
     }
 
 
-def list_request(data: Any) -> tuple[str | None, int]:
-    """Validate a ``list_orders`` payload: ``None`` or ``{"symbol"?, "limit"?}``."""
+def list_request(data: Any, what: str = "list_orders") -> tuple[str | None, int]:
+    """Validate a ``list_orders`` or ``list_trades`` payload.
+
+    ``None`` or ``{"symbol"?, "limit"?}``; returns ``(symbol or None, limit)``.
+    """
     if data is None:
         return None, 100
     if not isinstance(data, dict) or not set(data) <= {"symbol", "limit"}:
-        raise InvalidRequestError("list_orders takes nothing, or {symbol, limit}")
+        raise InvalidRequestError(f"{what} takes nothing, or {{symbol, limit}}")
     symbol = data.get("symbol")
     if symbol is not None and (not isinstance(symbol, str) or not SYMBOL.fullmatch(symbol)):
         raise InvalidRequestError("symbol must be 1-12 of A-Z, 0-9 and '.'")
@@ -64,6 +69,6 @@ def list_request(data: Any) -> tuple[str | None, int]:
 
 def order_id(value: Any) -> int:
     """Validate an order id."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
         raise InvalidRequestError("order_id must be a positive integer")
     return value

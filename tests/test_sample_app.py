@@ -542,6 +542,7 @@ def test_command_line_and_environment() -> None:
     token, generated = monitor_token({})
     assert generated and len(token) >= 32
     assert monitor_token({})[0] != token
+    assert not any(monitor_token({})[0].startswith("-") for _ in range(300))
     assert monitor_token({"DBCTX_MONITOR_AUTH": "mine"}) == ("mine", False)
     assert monitor_token({"DBCTX_MONITOR_AUTH": ""})[1] is True
     assert dashboard_url("127.0.0.1", 5000, "a-b_c") == "http://127.0.0.1:5000/?token=a-b_c"
