@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, Callable
 
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-__all__ = ["check_green_driver"]
+__all__ = ["check_green_driver", "enforce_connect_timeout", "green_driver_problem"]
 
 logger = logging.getLogger("socketio_dbctx")
 
@@ -48,3 +50,70 @@ def check_green_driver(engines: dict[str, Engine], async_mode: str | None) -> No
         problem = green_driver_problem(engine, async_mode)
         if problem:
             logger.warning("engine %r: %s; every query stalls all other clients", name, problem)
+
+
+def _timeout_class(async_mode: str) -> Any:
+    if async_mode == "eventlet":
+        from eventlet.timeout import Timeout as EventletTimeout
+
+        return EventletTimeout
+    from gevent import Timeout as GeventTimeout
+
+    return GeventTimeout
+
+
+def _connect_timeout(cparams: dict[str, Any]) -> float | None:
+    raw = cparams.get("connect_timeout")
+    try:
+        seconds = float(raw) if raw is not None and raw != "" else 0.0
+    except (TypeError, ValueError):
+        return None
+    # libpq treats values below 2 as 2
+    return max(2.0, seconds) if seconds > 0 else None
+
+
+def _make_listener(async_mode: str) -> Callable[..., Any]:
+    timeout_class = _timeout_class(async_mode)
+
+    def bounded_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+        seconds = _connect_timeout(cparams)
+        if seconds is None:
+            return None  # no timeout configured: SQLAlchemy connects as usual
+        timeout = timeout_class(seconds)
+        if async_mode == "gevent":
+            timeout.start()  # eventlet's Timeout starts itself, gevent's does not
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except BaseException as exc:
+            if exc is timeout:
+                raise dialect.loaded_dbapi.OperationalError(
+                    f"timeout expired: no answer from the database within {seconds}s "
+                    "(connect_timeout, enforced by socketio_dbctx)"
+                ) from None
+            raise
+        finally:
+            timeout.cancel()
+
+    return bounded_connect
+
+
+_LISTENERS: dict[str, Callable[..., Any]] = {}
+
+
+def enforce_connect_timeout(engine: Engine, async_mode: str | None) -> None:
+    """Make psycopg2 honour ``connect_timeout`` under eventlet and gevent.
+
+    Green psycopg2 connects asynchronously, and libpq does not enforce
+    ``connect_timeout`` in that mode: a database that accepts the TCP connection but
+    never answers would hang the connect (and its event) for ever. The connect is
+    bounded with the async mode's own ``Timeout`` instead, failing with the driver's
+    ``OperationalError`` like a refused connect (so it is retried, then
+    ``db_unavailable``).
+    """
+    if async_mode not in ("eventlet", "gevent") or engine.dialect.driver != "psycopg2":
+        return
+    listener = _LISTENERS.get(async_mode)
+    if listener is None:
+        listener = _LISTENERS[async_mode] = _make_listener(async_mode)
+    if not event.contains(engine, "do_connect", listener):
+        event.listen(engine, "do_connect", listener)

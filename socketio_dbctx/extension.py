@@ -18,6 +18,7 @@ from . import context
 from .admission import ProcessLimit
 from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, load_settings
+from .drivers import enforce_connect_timeout
 from .errors import ContextSetupError
 from .health import health_check
 from .leaks import LeakWatchdog, PoolTracker, Stack
@@ -107,9 +108,17 @@ class AppState:
         """The app's engines by bind name, each followed by the checkout tracker."""
         engines = self.source.engines(app)
         for engine in engines.values():
-            if self.tracker.attach(engine) and self.settings.leak_threshold and not self._watchdog:
-                self._watchdog = _watchdog(self.tracker, self.socketio)
+            if self.tracker.attach(engine):  # first sight of this engine
+                enforce_connect_timeout(engine, self.async_mode)
+                if self.settings.leak_threshold and not self._watchdog:
+                    self._watchdog = _watchdog(self.tracker, self.socketio)
         return engines
+
+    @property
+    def async_mode(self) -> str | None:
+        """The Socket.IO async mode, when a server is known."""
+        server = getattr(self.socketio, "server", None)
+        return getattr(server, "async_mode", None)
 
     def pool_statuses(self, app: Flask) -> dict[str, dict[str, Any]]:
         """Pool dicts of every engine of ``app``."""

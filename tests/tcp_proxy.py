@@ -1,0 +1,346 @@
+"""A small TCP proxy for fault injection, used by the tests and ``benchmarks/faults.py``.
+
+Put it between an application and PostgreSQL (``sslmode=disable`` in the URL, so it
+can see the protocol) and then, from the outside, at any moment:
+
+* :meth:`TcpProxy.cut` closes every connection and stops listening: new connections
+  are refused at once (the database is down);
+* :meth:`TcpProxy.blackhole` closes every connection but keeps listening: new
+  connections are accepted and never answered (the database hangs, or a firewall
+  swallows the replies), so only the client's own timeouts end a connect;
+* :meth:`TcpProxy.restore` forwards again, on the same port;
+* :meth:`TcpProxy.cut_next_commit` forwards the next ``COMMIT`` to the server, waits
+  for the server's reply, drops it and closes that client connection: the COMMIT
+  happened, and the application only knows that its connection broke during it.
+
+Plain threads and blocking sockets (two pump threads per connection), so it runs in
+any process that is not monkey-patched, and a call returns only once the change is
+in effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+from typing import Any
+
+__all__ = ["COMMIT_MESSAGE", "TcpProxy"]
+
+#: A PostgreSQL simple-query message ``COMMIT`` (type ``Q``, int32 length 11).
+COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+_CHUNK = 65536
+_STATES = ("forwarding", "refusing", "blackhole")
+
+
+class _Pair:
+    """One client connection and, unless it is held in a blackhole, its upstream."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.drop_reply = False
+        self._lock = threading.Lock()
+        self._users = 0
+        self._shut = False
+
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.client, self.upstream) if s is not None]
+
+    def enter(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def leave(self) -> bool:
+        """A pump thread is done; the last one closes the sockets. True when closed."""
+        self.shutdown()
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            for sock in self.sockets():
+                sock.close()
+        return last
+
+    def shutdown(self) -> None:
+        """Wake every pump thread blocked on these sockets; they close them."""
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+        for sock in self.sockets():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class TcpProxy:
+    """Forward ``host:port`` to ``target_host:target_port`` until told otherwise.
+
+    :param target_host: where to forward to.
+    :param target_port: its port (1-65535).
+    :param host: the address to listen on.
+    :param port: the port to listen on; 0 picks a free one (see :attr:`port`).
+    :raises ValueError: for a port out of range.
+    """
+
+    def __init__(
+        self, target_host: str, target_port: int, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        if isinstance(target_port, bool) or not isinstance(target_port, int):
+            raise ValueError(f"target_port must be an int, got {target_port!r}")
+        if not 1 <= target_port <= 65535:
+            raise ValueError(f"target_port must be 1-65535, got {target_port}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be 0-65535 (0: any free port), got {port!r}")
+        self.target = (target_host, target_port)
+        self.host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._state = "stopped"
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        # wakes the accept loop; made by start(), closed by stop()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._pairs: set[_Pair] = set()
+        self._threads: set[threading.Thread] = set()
+        self._commit_cuts_armed = 0
+        #: connections accepted since start
+        self.accepted = 0
+        #: COMMIT replies dropped by :meth:`cut_next_commit`
+        self.commits_cut = 0
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the proxy listens on (known once started)."""
+        if not self._port:
+            raise RuntimeError("the proxy has no port yet: call start() first")
+        return self._port
+
+    @property
+    def state(self) -> str:
+        """``"stopped"``, ``"forwarding"``, ``"refusing"`` or ``"blackhole"``."""
+        return self._state
+
+    @property
+    def active(self) -> int:
+        """Client connections open right now."""
+        with self._lock:
+            return len(self._pairs)
+
+    def start(self) -> TcpProxy:
+        """Listen and forward. Returns ``self``.
+
+        :raises RuntimeError: when already started.
+        """
+        with self._lock:
+            if self._state != "stopped":
+                raise RuntimeError(f"the proxy is already started ({self._state})")
+            self._state = "forwarding"
+            self._wake_r, self._wake_w = socket.socketpair()
+        self._listen()
+        return self
+
+    def cut(self) -> None:
+        """Close every connection and refuse new ones until :meth:`restore`."""
+        self._require_started("cut")
+        self._stop_listening()
+        with self._lock:
+            self._state = "refusing"
+        self._close_all()
+
+    def blackhole(self) -> None:
+        """Close every connection; accept new ones but never answer them."""
+        self._require_started("blackhole")
+        with self._lock:
+            self._state = "blackhole"
+        self._close_all()
+        if self._listener is None:
+            self._listen()
+
+    def restore(self) -> None:
+        """Forward again (on the same port). Connections held by a blackhole are closed."""
+        self._require_started("restore")
+        with self._lock:
+            previous, self._state = self._state, "forwarding"
+        if previous == "blackhole":
+            self._close_all()
+        if self._listener is None:
+            self._listen()
+
+    def cut_next_commit(self, count: int = 1) -> None:
+        """Arm: the next ``count`` COMMITs reach the server, but their replies are
+        dropped and those client connections closed.
+
+        :raises ValueError: for a count below 1.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        self._require_started("cut_next_commit")
+        with self._lock:
+            self._commit_cuts_armed += count
+
+    def stop(self) -> None:
+        """Close everything; the proxy cannot be started again."""
+        with self._lock:
+            if self._state == "stopped":
+                return
+            self._state = "stopped"
+        self._stop_listening()
+        self._close_all()
+        for thread in list(self._threads):
+            thread.join(5)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"<TcpProxy {self.host}:{self._port} -> {self.target[0]}:{self.target[1]} "
+            f"{self._state} active={len(self._pairs)}>"
+        )
+
+    # -- internals --------------------------------------------------------------------
+
+    def _require_started(self, what: str) -> None:
+        if self._state == "stopped":
+            raise RuntimeError(f"cannot {what}: the proxy is not running (call start())")
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host, self._port))
+        except OSError:
+            listener.close()
+            raise
+        listener.listen(128)
+        self._port = listener.getsockname()[1]
+        self._listener = listener
+        self._acceptor = self._spawn(self._accept_loop, listener, self._wake_r)
+
+    def _stop_listening(self) -> None:
+        listener, acceptor = self._listener, self._acceptor
+        wake_r, wake_w = self._wake_r, self._wake_w
+        if listener is None or acceptor is None or wake_r is None or wake_w is None:
+            return
+        self._listener = self._acceptor = None
+        wake_w.send(b"x")
+        acceptor.join(5)
+        listener.close()
+        # drain the wake-up byte(s)
+        while select.select([wake_r], [], [], 0)[0]:
+            wake_r.recv(64)
+
+    def _close_all(self) -> None:
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            pair.shutdown()
+
+    def _spawn(self, target: Any, *args: Any) -> threading.Thread:
+        thread = threading.Thread(target=self._run, args=(target, *args), daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return thread
+
+    def _run(self, target: Any, *args: Any) -> None:
+        try:
+            target(*args)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _accept_loop(self, listener: socket.socket, wake: socket.socket) -> None:
+        while True:
+            readable, _, _ = select.select([listener, wake], [], [])
+            if wake in readable:
+                return
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self.accepted += 1
+                state = self._state
+            upstream = None
+            if state == "forwarding":
+                try:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                    upstream.settimeout(None)
+                    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    client.close()  # the target is down: so is the proxy, for this client
+                    continue
+            elif state != "blackhole":
+                client.close()
+                continue
+            pair = _Pair(client, upstream)
+            with self._lock:
+                changed = self._state != state
+                if not changed:
+                    self._pairs.add(pair)
+            if changed:  # cut, blackholed or restored meanwhile: this one is stale
+                for sock in pair.sockets():
+                    sock.close()
+                continue
+            if upstream is None:
+                pair.enter()
+                self._spawn(self._hold, pair)
+            else:
+                pair.enter()
+                pair.enter()
+                self._spawn(self._pump, pair, client, upstream, True)
+                self._spawn(self._pump, pair, upstream, client, False)
+
+    def _release(self, pair: _Pair) -> None:
+        if pair.leave():
+            with self._lock:
+                self._pairs.discard(pair)
+
+    def _hold(self, pair: _Pair) -> None:
+        """A blackholed connection: read and discard until it is closed."""
+        try:
+            with contextlib.suppress(OSError):
+                while pair.client.recv(_CHUNK):
+                    pass
+        finally:
+            self._release(pair)
+
+    def _pump(
+        self, pair: _Pair, source: socket.socket, sink: socket.socket, to_server: bool
+    ) -> None:
+        try:
+            while True:
+                data = source.recv(_CHUNK)
+                if not data:
+                    return
+                if to_server:
+                    if COMMIT_MESSAGE in data:
+                        with self._lock:
+                            if self._commit_cuts_armed:
+                                self._commit_cuts_armed -= 1
+                                pair.drop_reply = True
+                elif pair.drop_reply:
+                    # The server answered the COMMIT: it is done. The client never knows.
+                    with self._lock:
+                        self.commits_cut += 1
+                    return
+                sink.sendall(data)
+        except OSError:
+            return
+        finally:
+            self._release(pair)
