@@ -10,6 +10,7 @@ view comes back with Redis.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -203,7 +204,9 @@ class ClusterView:
         self._read_max_connections()
         while not self._stopped:
             try:
-                self.publish(snapshot(self._app, self._state))
+                # a failed publish is logged once by _redis_call; subscribers still get a view
+                with contextlib.suppress(Exception):
+                    self.publish(snapshot(self._app, self._state))
                 cluster = self.payload()
                 self._check_capacity(cluster["totals"])
                 self._monitor.push("cluster_status", cluster)

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, Callable, Union
+from urllib.parse import urlsplit
 
 from .errors import ContextSetupError
 
@@ -104,9 +105,17 @@ def _auth(name: str, value: Any) -> None:
         _fail(name, value, "a non-empty token (use False to open the monitor to anyone)")
 
 
-def _optional_str(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        _fail(name, value, "a URL string or None")
+def _redis_url(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.startswith(("redis://", "rediss://", "unix://")):
+        _fail(name, value, "a redis://, rediss:// or unix:// URL, or None")
+    try:
+        port = urlsplit(value).port  # raises for a port that is not a number in 0..65535
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        _fail(name, value, "a Redis URL with a valid port")
 
 
 _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
@@ -123,7 +132,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "monitor_interval": _positive,
     "monitor_auth": _auth,
     "expose_errors": _bool,
-    "cluster_redis_url": _optional_str,
+    "cluster_redis_url": _redis_url,
 }
 
 _NAMES = frozenset(_VALIDATORS)

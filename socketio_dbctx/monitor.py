@@ -212,7 +212,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
         if not self._allow(_sid()):
             return error_payload(BusyError("too many monitor calls"), expose=False)
         if data is not None and data != {} and data != {"scope": "local"}:
-            if isinstance(data, dict) and data.get("scope") == "cluster":
+            if data == {"scope": "cluster"}:
                 if state.cluster is not None:
                     return state.cluster.payload()  # type: ignore[no-any-return]
                 return error_payload(
