@@ -90,7 +90,7 @@ def pool_status(
         "checked_out": checked_out,
         "overflow": overflow,
         "utilization": utilization,
-        "timeout": timeout,
+        "timeout": float(timeout) if timeout is not None else None,
         "waiting": waiting,
         "long_held": long_held,
         "status": status,
