@@ -73,8 +73,9 @@ class AppState:
 
     @property
     def waiting(self) -> int:
-        """Events waiting for admission right now."""
-        return self._process_limit.waiting if self._process_limit else 0
+        """Events waiting for admission or for a checkout from a full pool right now."""
+        admission = self._process_limit.waiting if self._process_limit else 0
+        return admission + self.tracker.checkout_waiting
 
     def process_limit(self, app: Flask, async_mode: str | None) -> ProcessLimit:
         """The app's process-wide admission limit, made on first use.
@@ -108,6 +109,7 @@ class AppState:
         """The app's engines by bind name, each followed by the checkout tracker."""
         engines = self.source.engines(app)
         for engine in engines.values():
+            self.tracker.watch_waits(engine)
             if self.tracker.attach(engine):  # first sight of this engine
                 enforce_connect_timeout(engine, self.async_mode)
                 if self.settings.leak_threshold and not self._watchdog:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
 
 __all__ = ["Checkout", "LeakWatchdog", "PoolTracker", "short_stack"]
 
@@ -84,6 +85,8 @@ class PoolTracker:
         self._describe = describe
         self.threshold = threshold
         self.leaks_total = 0
+        #: callers waiting for a connection of a full pool right now
+        self.checkout_waiting = 0
         self._engines: weakref.WeakKeyDictionary[Engine, dict[int, Checkout]] = (
             weakref.WeakKeyDictionary()
         )
@@ -118,6 +121,34 @@ class PoolTracker:
         event.listen(engine, "checkout", on_checkout)
         event.listen(engine, "checkin", on_checkin)
         return True
+
+    def watch_waits(self, engine: Engine) -> None:
+        """Count callers waiting for a connection of a full ``QueuePool``.
+
+        SQLAlchemy has no event for a checkout that has to wait, so the pool's
+        ``_do_get`` is wrapped, once per pool object (``engine.dispose()`` makes a new
+        one, which the next call wraps).
+        """
+        pool = engine.pool
+        if not isinstance(pool, QueuePool) or getattr(pool, "_dbctx_waits", False):
+            return
+        original = pool._do_get
+        capacity = pool.size() + pool._max_overflow if pool._max_overflow >= 0 else None
+        tracker = self
+
+        def do_get() -> Any:
+            if capacity is None or pool.checkedout() < capacity:
+                return original()
+            with tracker._lock:
+                tracker.checkout_waiting += 1
+            try:
+                return original()
+            finally:
+                with tracker._lock:
+                    tracker.checkout_waiting -= 1
+
+        pool._do_get = do_get  # type: ignore[method-assign]
+        pool._dbctx_waits = True  # type: ignore[attr-defined]
 
     def checkouts(self, engine: Engine) -> list[Checkout]:
         """The connections of ``engine`` checked out now (a snapshot)."""
