@@ -100,18 +100,24 @@ class open_scope:
         *,
         event: Event | None = None,
         label: str | None = None,
+        fresh_context: bool = False,
     ) -> None:
-        self._ctx = app.app_context()
+        # fresh_context: the active app context was made for this scope alone (by
+        # Flask-SocketIO for this event), so it is already fresh and need not be doubled.
+        self._ctx = None if fresh_context else app.app_context()
         self.scope = Scope(source, None, event, label)
 
     def __enter__(self) -> Scope:
-        self._ctx.push()
+        ctx = self._ctx
+        if ctx is not None:
+            ctx.push()
         try:
             scope = self.scope
             scope.token = scope.source.open()
             self._var_token = _current.set(scope)
         except BaseException:
-            self._ctx.pop()
+            if ctx is not None:
+                ctx.pop()
             raise
         return scope
 
@@ -132,7 +138,8 @@ class open_scope:
                 _current.reset(self._var_token)
                 scope.source.close(scope.token)
         finally:
-            self._ctx.pop()
+            if self._ctx is not None:
+                self._ctx.pop()
 
 
 def commit(scope: Scope) -> None:

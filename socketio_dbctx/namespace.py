@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, has_app_context, request
 from flask_socketio import Namespace
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy.orm import Session
@@ -142,8 +142,12 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
         if handler is None:
             return None
 
+        # With no app context active now, the one Flask-SocketIO pushes for this event
+        # is new and ours alone; with an outer one active, it would be reused.
+        fresh = not has_app_context()
+
         def wrapped(*payload: Any) -> Any:
-            return self._dbctx_dispatch(event, handler, payload)
+            return self._dbctx_dispatch(event, handler, payload, fresh)
 
         return self.socketio._handle_event(wrapped, event, self.namespace, *args)
 
@@ -172,7 +176,7 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
         return info
 
     def _dbctx_dispatch(
-        self, name: str, handler: Callable[..., Any], payload: tuple[Any, ...]
+        self, name: str, handler: Callable[..., Any], payload: tuple[Any, ...], fresh: bool
     ) -> Any:
         # Runs inside Flask-SocketIO's request context: request.sid is set.
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -192,6 +196,7 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
             handler=handler,
             options=info.options,
             sleep=self.socketio.sleep,
+            fresh_context=fresh,
         )
         try:
             chain = runtime.lifecycle_chain if name in _LIFECYCLE else runtime.chain

@@ -47,6 +47,7 @@ class Event:
         "app",
         "args",
         "attempt",
+        "fresh_context",
         "handler",
         "key",
         "name",
@@ -72,6 +73,7 @@ class Event:
         handler: Callable[..., Any],
         options: dict[str, Any],
         sleep: Callable[[float], Any],
+        fresh_context: bool = False,
     ) -> None:
         self.app = app
         self.state = state
@@ -83,6 +85,7 @@ class Event:
         self.handler = handler
         self.options = options
         self.sleep = sleep
+        self.fresh_context = fresh_context
         self.key = f"{namespace}:{name}"
         self.attempt = 1
         self.phase = "handler"
@@ -127,9 +130,17 @@ def metrics_middleware(event: Event, call_next: CallNext) -> Any:
 
 
 def transaction_middleware(event: Event, call_next: CallNext) -> Any:
-    """A fresh app context and session; commit on success, roll back on error."""
+    """A fresh app context and session; commit on success, roll back on error.
+
+    The first attempt of an event that arrived with no app context active runs in the
+    app context Flask-SocketIO pushed for this event alone: it is already fresh. Every
+    other case (an outer app context, a retry) pushes a new one.
+    """
     event.phase = "handler"
-    with open_scope(event.app, event.state.source, event=event, label=event.key) as scope:
+    fresh = event.fresh_context and event.attempt == 1
+    with open_scope(
+        event.app, event.state.source, event=event, label=event.key, fresh_context=fresh
+    ) as scope:
         result = call_next()
         if event.settings.commit_on_success:
             commit(scope)
