@@ -143,5 +143,17 @@ class Admission:
         return len(self._clients)
 
     def middleware(self, event: Event, call_next: CallNext) -> Any:
-        """The pipeline's outermost step: hold the event until it is admitted."""
-        return self.run(event.sid, call_next)
+        """The pipeline's outermost step: hold the event until it is admitted.
+
+        An event turned away here never reaches the metrics step, so it is counted
+        as ``busy`` here.
+        """
+        start = time.perf_counter()
+        try:
+            return self.run(event.sid, call_next)
+        except BusyError:
+            if event.phase == "admission":
+                metrics = event.state.metrics
+                metrics.started(event.key, event.namespace, event.name)
+                metrics.finished(event.key, time.perf_counter() - start, "busy")
+            raise

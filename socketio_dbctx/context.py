@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from .errors import ContextSetupError
@@ -54,6 +55,26 @@ class Scope:
 
 
 _current: ContextVar[Scope | None] = ContextVar("socketio_dbctx_scope", default=None)
+
+
+def _on_commit_start(session: Session) -> None:
+    # A COMMIT inside an event, by us or by the handler itself, puts the event in the
+    # commit phase: losing the connection from here on leaves the outcome unknown.
+    scope = _current.get()
+    if scope is not None and scope.event is not None:
+        scope.event.phase = "commit"
+
+
+def _on_committed(session: Session) -> None:
+    # Once a COMMIT went through, running the event again would apply it twice.
+    scope = _current.get()
+    if scope is not None and scope.event is not None:
+        scope.event.committed = True
+
+
+# Class-level listeners reach every Session subclass (Flask-SQLAlchemy's included).
+sa_event.listen(Session, "before_commit", _on_commit_start)
+sa_event.listen(Session, "after_commit", _on_committed)
 
 
 def current_scope() -> Scope | None:
@@ -152,9 +173,7 @@ def commit(scope: Scope) -> None:
     session = scope.active_session()
     if session is not None and session.in_transaction():
         session.flush()
-        if scope.event is not None:
-            scope.event.phase = "commit"
-        session.commit()
+        session.commit()  # the before_commit listener marks the commit phase
 
 
 @contextmanager

@@ -146,6 +146,7 @@ def _watchdog(tracker: PoolTracker, socketio: SocketIO | None) -> LeakWatchdog:
 
 # Apps that use DBContextNamespace with Flask-SQLAlchemy but no DBContext.
 _implicit: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
+_IMPLICIT_LOCK = threading.Lock()
 
 
 def app_state(app: Flask, socketio: SocketIO | None = None) -> AppState:
@@ -158,15 +159,21 @@ def app_state(app: Flask, socketio: SocketIO | None = None) -> AppState:
         return ext._state(app)
     state = _implicit.get(app)
     if state is None:
-        if "sqlalchemy" not in app.extensions:
-            raise ContextSetupError(
-                "no database is configured for socketio_dbctx: call DBContext(app, socketio, db) "
-                "(or DBContext(app, socketio, session_factory=...)), or initialise "
-                "Flask-SQLAlchemy on this app with db.init_app(app)"
-            )
-        state = _implicit[app] = AppState(
-            load_settings(app.config, {}), make_source(None, None), socketio
+        with _IMPLICIT_LOCK:
+            state = _implicit.get(app) or _implicit_state(app, socketio)
+    return state
+
+
+def _implicit_state(app: Flask, socketio: SocketIO | None) -> AppState:
+    if "sqlalchemy" not in app.extensions:
+        raise ContextSetupError(
+            "no database is configured for socketio_dbctx: call DBContext(app, socketio, db) "
+            "(or DBContext(app, socketio, session_factory=...)), or initialise "
+            "Flask-SQLAlchemy on this app with db.init_app(app)"
         )
+    state = _implicit[app] = AppState(
+        load_settings(app.config, {}), make_source(None, None), socketio
+    )
     return state
 
 
@@ -224,6 +231,11 @@ class DBContext:
             db, session_factory = self.db, self.session_factory
         source = make_source(db, session_factory)
         socketio = socketio or self.socketio
+        if socketio is not None and getattr(socketio, "server", None) is None:
+            logger.warning(
+                "DBContext.init_app ran before socketio.init_app(app): the /monitor namespace "
+                "and the cluster view need the Socket.IO server; initialise SocketIO first"
+            )
         state = AppState(settings, source, socketio)
         self._states[app] = state
         app.extensions["dbctx"] = self

@@ -22,7 +22,6 @@ from flask import Flask, current_app, request
 from flask_socketio import Namespace
 
 from .acks import error_payload
-from .config import Settings
 from .errors import BusyError, InvalidRequestError
 from .pool import worst_status
 
@@ -117,9 +116,6 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         return app, app_state(app, self.socketio)
 
-    def _settings(self) -> Settings:
-        return self._state()[1].settings
-
     def _allow(self, sid: str) -> bool:
         now = time.monotonic()
         with self._lock:
@@ -153,11 +149,12 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             logger.warning("monitor connection refused for sid %s", _sid())
             return False
         sid = _sid()
+        first = snapshot(app, state)  # before subscribing: if this fails, nobody is left behind
         with self._lock:
             self._subscribers[sid] = app
             start = not self._loop_running
             self._loop_running = True
-        self._emit_to(sid, snapshot(app, state))
+        self._emit_to(sid, first)
         if start:
             self.socketio.start_background_task(self._loop, state.settings.monitor_interval)
         return True

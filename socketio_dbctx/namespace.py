@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from .admission import Admission
 from .config import Settings
 from .context import commit, open_scope, require_session
 from .decorators import handler_options
-from .drivers import check_green_driver
+from .drivers import check_green_driver, enforce_connect_timeout
 from .errors import ContextSetupError, InvalidRequestError
 from .extension import AppState, app_state
 from .pipeline import Event, Middleware, metrics_middleware, run_chain, transaction_middleware
@@ -42,6 +43,8 @@ NAMESPACE_SETTINGS = (
 _BUILTIN: tuple[Middleware, ...] = (metrics_middleware, retry_middleware, transaction_middleware)
 # Never held back by admission: a full pool must not stop clients from connecting.
 _LIFECYCLE = ("connect", "disconnect")
+# First events of many clients at once must not build two runtimes (two admissions).
+_RUNTIME_LOCK = threading.RLock()
 
 
 class _Handler:
@@ -147,26 +150,45 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
         fresh = not has_app_context()
 
         def wrapped(*payload: Any) -> Any:
-            return self._dbctx_dispatch(event, handler, payload, fresh)
+            try:
+                return self._dbctx_dispatch(event, handler, payload, fresh)
+            except SocketIORefused:
+                raise
+            except ConnectionRefusedError as exc:
+                # Flask-SocketIO lets only socketio's own class past its error handlers
+                # (on_error_default would accept the client): convert the built-in one.
+                raise SocketIORefused(*exc.args) from exc
+            except ContextSetupError:
+                if event != "connect":
+                    raise
+                logger.exception("connection to %s refused: setup error", self.namespace)
+                raise SocketIORefused("internal_error") from None
 
         return self.socketio._handle_event(wrapped, event, self.namespace, *args)
 
     def _dbctx_runtime(self, app: Flask) -> _Runtime:
         runtime = self._dbctx_runtimes.get(app)
         if runtime is None:
-            state = app_state(app, self.socketio)
-            state.track(app)
-            if not state.drivers_checked:
-                state.drivers_checked = True
-                check_green_driver(state.engines(app), self.socketio.server.async_mode)
-            overrides = {name: getattr(self, name) for name in NAMESPACE_SETTINGS}
-            settings = state.settings.override(overrides)
-            process = state.process_limit(app, self.socketio.server.async_mode)
-            admission = Admission(
-                process, settings.max_in_flight_per_client, settings.queue_timeout
-            )
-            runtime = _Runtime(state, settings, admission, self.extra_middleware)
-            self._dbctx_runtimes[app] = runtime
+            with _RUNTIME_LOCK:
+                runtime = self._dbctx_runtimes.get(app) or self._dbctx_new_runtime(app)
+        return runtime
+
+    def _dbctx_new_runtime(self, app: Flask) -> _Runtime:
+        state = app_state(app, self.socketio)
+        state.track(app)
+        async_mode = self.socketio.server.async_mode
+        if not state.drivers_checked:
+            state.drivers_checked = True
+            engines = state.engines(app)
+            check_green_driver(engines, async_mode)
+            for engine in engines.values():  # the server may not have existed at init_app
+                enforce_connect_timeout(engine, async_mode)
+        overrides = {name: getattr(self, name) for name in NAMESPACE_SETTINGS}
+        settings = state.settings.override(overrides)
+        process = state.process_limit(app, async_mode)
+        admission = Admission(process, settings.max_in_flight_per_client, settings.queue_timeout)
+        runtime = _Runtime(state, settings, admission, self.extra_middleware)
+        self._dbctx_runtimes[app] = runtime
         return runtime
 
     def _dbctx_handler(self, event: str, handler: Callable[..., Any]) -> _Handler:
@@ -202,9 +224,8 @@ class DBContextNamespace(Namespace):  # type: ignore[misc]
             chain = runtime.lifecycle_chain if name in _LIFECYCLE else runtime.chain
             result = run_chain(chain, event, info)
         except (ConnectionRefusedError, SocketIORefused):
-            if name != "connect":
-                raise
-            logger.info("connection to %s refused for sid %s", self.namespace, event.sid)
+            if name == "connect":
+                logger.info("connection to %s refused for sid %s", self.namespace, event.sid)
             raise
         except ContextSetupError:
             raise

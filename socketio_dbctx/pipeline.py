@@ -40,13 +40,17 @@ class Event:
     :ivar sid: the client's session id.
     :ivar args: the arguments the client sent.
     :ivar attempt: 1 for the first run, 2 for the first retry, ...
-    :ivar phase: ``"handler"`` until the commit starts, then ``"commit"``.
+    :ivar phase: ``"admission"`` until admitted, ``"handler"`` until a COMMIT starts,
+        then ``"commit"``.
+    :ivar committed: True once a COMMIT of this event went through (the handler's own
+        included): a retry would apply it twice.
     """
 
     __slots__ = (
         "app",
         "args",
         "attempt",
+        "committed",
         "fresh_context",
         "handler",
         "key",
@@ -88,7 +92,8 @@ class Event:
         self.fresh_context = fresh_context
         self.key = f"{namespace}:{name}"
         self.attempt = 1
-        self.phase = "handler"
+        self.phase = "admission"
+        self.committed = False
 
     def __repr__(self) -> str:
         return f"<Event {self.key} sid={self.sid} attempt={self.attempt}>"
@@ -137,6 +142,7 @@ def transaction_middleware(event: Event, call_next: CallNext) -> Any:
     other case (an outer app context, a retry) pushes a new one.
     """
     event.phase = "handler"
+    event.committed = False
     fresh = event.fresh_context and event.attempt == 1
     with open_scope(
         event.app, event.state.source, event=event, label=event.key, fresh_context=fresh

@@ -30,16 +30,23 @@ def backoff(retry_delay: float, retry_max_delay: float) -> wait_random_exponenti
     return wait_random_exponential(multiplier=retry_delay, max=retry_max_delay)
 
 
-def should_retry(exc: BaseException, *, phase: str, idempotent: bool) -> bool:
+def should_retry(
+    exc: BaseException, *, phase: str, idempotent: bool, committed: bool = False
+) -> bool:
     """Whether a failure of an event in ``phase`` may be retried.
 
     A connection lost during COMMIT leaves the outcome unknown: only an
     idempotent handler may run again. A serialization failure or deadlock means
-    the server rolled back, so it is safe at any phase.
+    the server rolled back, so it is safe at any phase, unless an earlier COMMIT
+    of the same attempt went through (``committed``), which a rerun would repeat.
     """
     if not is_transient(exc):
         return False
-    return phase != "commit" or idempotent or is_rolled_back(exc)
+    if idempotent:
+        return True
+    if committed:
+        return False
+    return phase != "commit" or is_rolled_back(exc)
 
 
 def _retry_predicate(state: RetryCallState) -> bool:
@@ -49,7 +56,12 @@ def _retry_predicate(state: RetryCallState) -> bool:
     event: Event = state.args[0]
     exc = outcome.exception()
     assert exc is not None
-    return should_retry(exc, phase=event.phase, idempotent=event.options.get("idempotent", False))
+    return should_retry(
+        exc,
+        phase=event.phase,
+        idempotent=event.options.get("idempotent", False),
+        committed=event.committed,
+    )
 
 
 def _before_sleep(state: RetryCallState) -> None:
@@ -78,7 +90,10 @@ def retry_middleware(event: Event, call_next: CallNext) -> Any:
         return call_next()
     except Exception as exc:
         if max_retries == 0 or not should_retry(
-            exc, phase=event.phase, idempotent=options.get("idempotent", False)
+            exc,
+            phase=event.phase,
+            idempotent=options.get("idempotent", False),
+            committed=event.committed,
         ):
             raise
         first = exc
