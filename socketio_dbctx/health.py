@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from .leaks import NOT_WAITING
 from .tasks import make_event, spawn
 
 __all__ = ["health_check"]
@@ -25,32 +28,60 @@ def health_check(engine: Engine | None, timeout: float, socketio: Any = None) ->
     start = time.perf_counter()
     if engine is None:
         return {"healthy": False, "latency_ms": 0.0, "error": "no database engine configured"}
-    result: dict[str, Any] = {}
-    done = make_event(socketio)
-
-    def probe() -> None:
+    with _LOCK:
+        # One probe per engine at a time: during an incident, repeated checks join the
+        # probe already running instead of piling up threads waiting on the pool.
+        running = _PROBES.get(engine)
+        if running is None:
+            running = _PROBES[engine] = _Probe(make_event(socketio), start)
+            fresh = True
+        else:
+            fresh = False
+    if fresh:
         try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1")).scalar()
-            result["error"] = None
-        except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: could not run SELECT 1"
-        finally:
-            result["latency_ms"] = round((time.perf_counter() - start) * 1000.0, 3)
-            done.set()
-
-    try:
-        spawn(socketio, probe)
-    except Exception as exc:  # e.g. no threads left
-        return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}"}
-    if not done.wait(timeout):
+            spawn(socketio, running.run, engine)
+        except Exception as exc:  # e.g. no threads left
+            with _LOCK:
+                _PROBES.pop(engine, None)
+            return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}"}
+    if not running.done.wait(timeout):
         return {
             "healthy": False,
             "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
             "error": f"timed out after {timeout}s",
         }
     return {
-        "healthy": result["error"] is None,
-        "latency_ms": result["latency_ms"],
-        "error": result["error"],
+        "healthy": running.error is None,
+        "latency_ms": running.latency_ms,
+        "error": running.error,
     }
+
+
+class _Probe:
+    __slots__ = ("done", "error", "latency_ms", "start")
+
+    def __init__(self, done: Any, start: float) -> None:
+        self.done = done
+        self.start = start
+        self.error: str | None = "probe did not finish"
+        self.latency_ms = 0.0
+
+    def run(self, engine: Engine) -> None:
+        token = NOT_WAITING.set(True)  # a probe is not an event waiting for the pool
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1")).scalar()
+            self.error = None
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: could not run SELECT 1"
+        finally:
+            NOT_WAITING.reset(token)
+            self.latency_ms = round((time.perf_counter() - self.start) * 1000.0, 3)
+            with _LOCK:
+                if _PROBES.get(engine) is self:
+                    del _PROBES[engine]
+            self.done.set()
+
+
+_LOCK = threading.Lock()
+_PROBES: weakref.WeakKeyDictionary[Engine, _Probe] = weakref.WeakKeyDictionary()

@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 import weakref
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-__all__ = ["Checkout", "LeakWatchdog", "PoolTracker", "short_stack"]
+__all__ = ["NOT_WAITING", "Checkout", "LeakWatchdog", "PoolTracker", "short_stack"]
 
 logger = logging.getLogger("socketio_dbctx")
 
@@ -33,6 +34,9 @@ _SKIP = (
 )
 
 Stack = tuple[tuple[str, int, str], ...]
+
+#: Set in code whose checkouts should not count as ``waiting`` (the health probe).
+NOT_WAITING: ContextVar[bool] = ContextVar("socketio_dbctx_not_waiting", default=False)
 #: ``() -> (label, sid, stack or None)`` for whoever checks out now
 Describe = Callable[[], "tuple[str | None, str | None, Stack | None]"]
 
@@ -137,7 +141,7 @@ class PoolTracker:
         tracker = self
 
         def do_get() -> Any:
-            if capacity is None or pool.checkedout() < capacity:
+            if capacity is None or pool.checkedout() < capacity or NOT_WAITING.get():
                 return original()
             with tracker._lock:
                 tracker.checkout_waiting += 1
