@@ -122,6 +122,47 @@ def socketio(app: Flask) -> SocketIO:
     return SocketIO(app, async_mode="threading")
 
 
+#: The keys of a pool dict (DESIGN section 5).
+POOL_KEYS = frozenset(
+    {
+        "bind",
+        "pool_class",
+        "size",
+        "max_overflow",
+        "capacity",
+        "checked_in",
+        "checked_out",
+        "overflow",
+        "utilization",
+        "timeout",
+        "waiting",
+        "long_held",
+        "status",
+    }
+)
+
+
+def make_item_model(db: SQLAlchemy) -> Any:
+    """An ``items`` table with a unique ``name``, on ``db``."""
+
+    class Item(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "items"
+        id = db.Column(db.Integer, primary_key=True)
+        name = db.Column(db.String(80), unique=True, nullable=False)
+
+    return Item
+
+
+def stored_names(url: str) -> list[str]:
+    """Names in ``items``, read over a brand-new connection (sees only committed rows)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return sorted(conn.exec_driver_sql("SELECT name FROM items").scalars())
+    finally:
+        engine.dispose()
+
+
 def checked_out(db: SQLAlchemy, app: Flask) -> int:
     """Connections currently checked out of the default engine's pool."""
     with app.app_context():

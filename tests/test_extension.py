@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import checked_out
+from conftest import POOL_KEYS, checked_out, make_item_model, stored_names
 from flask import Flask, has_app_context
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -23,44 +23,10 @@ from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
 
 from socketio_dbctx import ContextSetupError, DBContext, DBContextNamespace
 
-POOL_KEYS = {
-    "bind",
-    "pool_class",
-    "size",
-    "max_overflow",
-    "capacity",
-    "checked_in",
-    "checked_out",
-    "overflow",
-    "utilization",
-    "timeout",
-    "waiting",
-    "long_held",
-    "status",
-}
-
 PASSWORD = "Sup3rSecretPw"
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def make_item_model(db: SQLAlchemy) -> Any:
-    class Item(db.Model):  # type: ignore[name-defined,misc]
-        __tablename__ = "items"
-        id = db.Column(db.Integer, primary_key=True)
-        name = db.Column(db.String(80), unique=True, nullable=False)
-
-    return Item
-
-
-def stored_names(url: str) -> list[str]:
-    engine = sa.create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            return sorted(conn.exec_driver_sql("SELECT name FROM items").scalars())
-    finally:
-        engine.dispose()
 
 
 def sqlite_app(path: Any, name: str = "app", **engine_options: Any) -> Flask:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import checked_out
+from conftest import POOL_KEYS, checked_out, make_item_model, stored_names
 from flask import Flask, has_app_context
 from flask.globals import app_ctx
 from flask_sqlalchemy import SQLAlchemy
@@ -24,41 +24,7 @@ from socketio_dbctx import (
     WebSocketContextHelper,
 )
 
-POOL_KEYS = {
-    "bind",
-    "pool_class",
-    "size",
-    "max_overflow",
-    "capacity",
-    "checked_in",
-    "checked_out",
-    "overflow",
-    "utilization",
-    "timeout",
-    "waiting",
-    "long_held",
-    "status",
-}
-
 postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-
-
-def make_item_model(db: SQLAlchemy) -> Any:
-    class Item(db.Model):  # type: ignore[name-defined,misc]
-        __tablename__ = "items"
-        id = db.Column(db.Integer, primary_key=True)
-        name = db.Column(db.String(80), unique=True, nullable=False)
-
-    return Item
-
-
-def stored_names(url: str) -> list[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return sorted(conn.exec_driver_sql("SELECT name FROM items").scalars())
-    finally:
-        engine.dispose()
 
 
 def registry_is_empty(db: SQLAlchemy) -> bool:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import socketio
-from conftest import ServerProcess, wait_for
+from conftest import POOL_KEYS, ServerProcess, wait_for
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -39,21 +39,6 @@ RATE = 5.0
 # Must match tests/servers/monitoring.py (not imported here: the server side may patch).
 CALLABLE_TOKEN = "cb-ok"
 
-POOL_KEYS = {
-    "bind",
-    "pool_class",
-    "size",
-    "max_overflow",
-    "capacity",
-    "checked_in",
-    "checked_out",
-    "overflow",
-    "utilization",
-    "timeout",
-    "waiting",
-    "long_held",
-    "status",
-}
 EVENT_KEYS = {"count", "errors", "retries", "busy", "in_flight", "p50_ms", "p95_ms", "p99_ms"}
 #: pool statuses, from best to worst
 SEVERITY = ["healthy", "unknown", "warning", "exhausted"]

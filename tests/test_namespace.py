@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import socketio as python_socketio
 import sqlalchemy as sa
-from conftest import checked_out
+from conftest import checked_out, make_item_model, stored_names
 from flask import Flask, has_app_context, request
 from flask.globals import app_ctx
 from flask_socketio import ConnectionRefusedError as SocketIORefused
@@ -34,25 +34,6 @@ SECRET = "s3cret-internal-detail"
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def make_item_model(db: SQLAlchemy) -> Any:
-    class Item(db.Model):  # type: ignore[name-defined,misc]
-        __tablename__ = "items"
-        id = db.Column(db.Integer, primary_key=True)
-        name = db.Column(db.String(80), unique=True, nullable=False)
-
-    return Item
-
-
-def stored_names(url: str) -> list[str]:
-    """Names in ``items``, read over a brand-new connection (sees only committed rows)."""
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return sorted(conn.exec_driver_sql("SELECT name FROM items").scalars())
-    finally:
-        engine.dispose()
 
 
 def connect(socketio: SocketIO, app: Flask, namespace: type[Namespace] | Namespace, **kw: Any):
