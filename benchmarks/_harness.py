@@ -96,19 +96,35 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: int = 1)
     return "\n".join(lines)
 
 
+def package_versions(names: Sequence[str] = PACKAGES) -> str:
+    """``"Flask 3.1.3, ..."`` for the installed ones of ``names``."""
+    found = []
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{name} {metadata.version(name)}")
+    return ", ".join(found)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate ``proc``, then kill it if it does not end within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def environment(async_mode: str) -> str:
     """Markdown bullets describing where the numbers came from."""
-    versions = []
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions.append(f"{name} {metadata.version(name)}")
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return "\n".join(
         [
             f"- Python {platform.python_version()}, {platform.platform()}, "
             f"{os.cpu_count()} CPU(s), load average {load} at the start",
             f"- server async mode: {async_mode}; PostgreSQL at {_safe_url(POSTGRES_URL)}",
-            f"- packages: {', '.join(versions)}",
+            f"- packages: {package_versions()}",
         ]
     )
 
@@ -229,13 +245,7 @@ class BenchServer:
         return Path(self._log.name).read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
     def __enter__(self) -> BenchServer:

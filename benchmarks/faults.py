@@ -44,7 +44,6 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +52,8 @@ import sqlalchemy as sa
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from _harness import package_versions, stop_process  # noqa: E402
 
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
@@ -162,13 +163,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 5)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -387,18 +382,12 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
 
 def header(args: argparse.Namespace) -> None:
     print(f"# socketio_dbctx recovery figures ({args.async_mode})\n")
-    versions = []
-    for name in PACKAGES:
-        try:
-            versions.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{name} (not installed)")
     try:
         load = f"load average {os.getloadavg()[0]:.2f}"
     except OSError:
         load = "load average unknown"
     print(f"- Python {platform.python_version()}; {os.cpu_count()} CPUs; {load} at the start")
-    print(f"- packages: {', '.join(versions)}")
+    print(f"- packages: {package_versions(PACKAGES)}")
     print(
         f"- server: tests.servers.app --async-mode {args.async_mode}, pool_size={POOL_SIZE}, "
         f"max_overflow=0, pool_timeout={POOL_TIMEOUT:g} s, connect_timeout={CONNECT_TIMEOUT} s, "

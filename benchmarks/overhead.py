@@ -46,10 +46,10 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import sqlalchemy as sa
+from _harness import package_versions
 from flask import Flask, has_app_context
 from flask_socketio import Namespace, SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -374,13 +374,7 @@ def header(rounds: int, events: int) -> None:
     machine = f"machine {platform.machine()}; {os.cpu_count()} CPUs"
     print(f"- platform: {platform.platform()}; {machine}; {load_average()} at the start")
     print(f"- SQLite library {sqlite3.sqlite_version}")
-    versions = []
-    for name in PACKAGES:
-        try:
-            versions.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{name} (not installed)")
-    print(f"- packages: {', '.join(versions)}")
+    print(f"- packages: {package_versions(PACKAGES)}")
     print(f"- socketio_dbctx source: {library_state()}")
     print(
         f"- method: Flask-SocketIO test client, one thread, async_mode=threading; "

@@ -29,7 +29,6 @@ checks: this reports, it does not gate on speed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -42,10 +41,11 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from _harness import package_versions, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
@@ -155,13 +155,7 @@ class Worker:
         return int(json.loads(self.get("/_stats"))["checked_out"])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def start_worker(args: argparse.Namespace, database_url: str, queue: str, logdir: Path) -> Worker:
@@ -326,14 +320,6 @@ def run_fleet(size: int, args: argparse.Namespace, schema: str, queue: str, logd
         engine.dispose()
 
 
-def versions() -> str:
-    found = []
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found.append(f"{name} {metadata.version(name)}")
-    return ", ".join(found)
-
-
 def table(runs: list[Run]) -> str:
     """Markdown; the speed-up is against the first row."""
     base = runs[0].rate if runs and runs[0].ok else None
@@ -393,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"# {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; {versions()}",
+        f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}; {package_versions(PACKAGES)}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as logdir:

@@ -163,6 +163,21 @@ def stored_names(url: str) -> list[str]:
         engine.dispose()
 
 
+@pytest.fixture
+def url(app: Flask) -> str:
+    """The app's database URL."""
+    return str(app.config["SQLALCHEMY_DATABASE_URI"])
+
+
+@pytest.fixture
+def Item(app: Flask, db: SQLAlchemy) -> Any:
+    """The ``items`` model of :func:`make_item_model`, its table created."""
+    model = make_item_model(db)
+    with app.app_context():
+        db.create_all()
+    return model
+
+
 def checked_out(db: SQLAlchemy, app: Flask) -> int:
     """Connections currently checked out of the default engine's pool."""
     with app.app_context():

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import checked_out, schema_url
+from conftest import checked_out, schema_url, stored_names
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -303,27 +303,6 @@ def lost_connection() -> sa.exc.OperationalError:
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-
-
-@pytest.fixture
-def Item(app: Flask, db: SQLAlchemy) -> Any:
-    class Item(db.Model):  # type: ignore[name-defined,misc]
-        __tablename__ = "items"
-        id = db.Column(db.Integer, primary_key=True)
-        name = db.Column(db.String(80), unique=True, nullable=False)
-
-    with app.app_context():
-        db.create_all()
-    return Item
-
-
-def stored_names(url: str) -> list[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return sorted(conn.exec_driver_sql("SELECT name FROM items").scalars())
-    finally:
-        engine.dispose()
 
 
 def _decorated_namespace(decorate: Any, fail_times: int, calls: list[Any], db: Any, Item: Any):

@@ -38,19 +38,6 @@ def sqlite_app(path: Any, name: str = "app", **engine_options: Any) -> Flask:
 
 
 @pytest.fixture
-def url(app: Flask) -> str:
-    return str(app.config["SQLALCHEMY_DATABASE_URI"])
-
-
-@pytest.fixture
-def Item(app: Flask, db: SQLAlchemy) -> Any:
-    model = make_item_model(db)
-    with app.app_context():
-        db.create_all()
-    return model
-
-
-@pytest.fixture
 def dbctx(app: Flask, db: SQLAlchemy, socketio: SocketIO) -> DBContext:
     return DBContext(app, socketio, db)
 

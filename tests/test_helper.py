@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import POOL_KEYS, checked_out, make_item_model, stored_names
+from conftest import POOL_KEYS, checked_out, stored_names
 from flask import Flask, has_app_context
 from flask.globals import app_ctx
 from flask_sqlalchemy import SQLAlchemy
@@ -30,19 +30,6 @@ postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=T
 def registry_is_empty(db: SQLAlchemy) -> bool:
     """No session is left in Flask-SQLAlchemy's scoped-session registry."""
     return not db.session.registry.registry
-
-
-@pytest.fixture
-def url(app: Flask) -> str:
-    return str(app.config["SQLALCHEMY_DATABASE_URI"])
-
-
-@pytest.fixture
-def Item(app: Flask, db: SQLAlchemy) -> Any:
-    model = make_item_model(db)
-    with app.app_context():
-        db.create_all()
-    return model
 
 
 @pytest.fixture(params=["db_argument", "app_only", "with_dbcontext"])

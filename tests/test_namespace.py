@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import socketio as python_socketio
 import sqlalchemy as sa
-from conftest import checked_out, make_item_model, stored_names
+from conftest import checked_out, stored_names
 from flask import Flask, has_app_context, request
 from flask.globals import app_ctx
 from flask_socketio import ConnectionRefusedError as SocketIORefused
@@ -45,19 +45,6 @@ def connect(socketio: SocketIO, app: Flask, namespace: type[Namespace] | Namespa
 
 def call(client: Any, event: str, *args: Any) -> Any:
     return client.emit(event, *args, namespace=NS, callback=True)
-
-
-@pytest.fixture
-def url(app: Flask) -> str:
-    return str(app.config["SQLALCHEMY_DATABASE_URI"])
-
-
-@pytest.fixture
-def Item(app: Flask, db: SQLAlchemy) -> Any:
-    model = make_item_model(db)
-    with app.app_context():
-        db.create_all()
-    return model
 
 
 @pytest.fixture
