@@ -517,9 +517,11 @@ def test_pool_status_unbounded_queue_pool(tmp_path):
         engine.dispose()
 
 
+@pytest.mark.parametrize("poolclass", [NullPool, SingletonThreadPool], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("first_status_before_checkout", [True, False])
-def test_pool_status_null_pool(tmp_path, first_status_before_checkout):
-    app = sqlite_app(tmp_path, poolclass=NullPool)
+def test_pool_status_unbounded_pools(tmp_path, poolclass, first_status_before_checkout):
+    """Pools that don't count their connections: the tracker does, capacity is null."""
+    app = sqlite_app(tmp_path, poolclass=poolclass)
     db = SQLAlchemy(app)
     dbctx = DBContext(app, db=db)
     with app.app_context():
@@ -530,7 +532,7 @@ def test_pool_status_null_pool(tmp_path, first_status_before_checkout):
     try:
         status = dbctx.pool_status()
         assert set(status) == POOL_KEYS
-        assert status["pool_class"] == "NullPool"
+        assert status["pool_class"] == poolclass.__name__
         assert status["capacity"] is None
         assert status["utilization"] == 0.0
         assert status["checked_out"] == 1
@@ -565,27 +567,6 @@ def test_pool_status_static_pool_is_unknown(tmp_path):
     assert set(status) == POOL_KEYS
     assert status["pool_class"] == "StaticPool"
     assert status["status"] == "unknown"
-
-
-def test_pool_status_singleton_thread_pool(tmp_path):
-    app = sqlite_app(tmp_path, poolclass=SingletonThreadPool)
-    db = SQLAlchemy(app)
-    dbctx = DBContext(app, db=db)
-    with app.app_context():
-        engine = db.engine
-    dbctx.pool_status()
-    conn = engine.connect()
-    try:
-        status = dbctx.pool_status()
-        assert set(status) == POOL_KEYS
-        assert status["pool_class"] == "SingletonThreadPool"
-        assert status["capacity"] is None
-        assert status["utilization"] == 0.0
-        assert status["checked_out"] == 1
-        assert status["status"] == "healthy"
-    finally:
-        conn.close()
-    engine.dispose()
 
 
 def test_pool_status_binds_appear_by_name(tmp_path):
