@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+from .config import NamespaceSettings
 from .decorators import idempotent, no_retry, retry_policy
 from .errors import (
     BusyError,
@@ -29,6 +30,16 @@ from .helper import WebSocketContextHelper
 from .monitor import MonitorNamespace
 from .namespace import DBContextNamespace
 from .pipeline import Event
+from .shapes import (
+    ClusterPayload,
+    ErrorAck,
+    EventSummary,
+    FleetTotals,
+    HealthResult,
+    LeakEntry,
+    MonitorPayload,
+    PoolStatus,
+)
 from .tasks import PeriodicTask
 from .transient import is_transient
 
@@ -36,14 +47,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BusyError",
+    "ClusterPayload",
     "ContextSetupError",
     "DBContext",
     "DBContextNamespace",
     "DatabaseUnavailableError",
+    "ErrorAck",
     "Event",
+    "EventSummary",
+    "FleetTotals",
+    "HealthResult",
     "InvalidRequestError",
+    "LeakEntry",
     "MonitorNamespace",
+    "MonitorPayload",
+    "NamespaceSettings",
     "PeriodicTask",
+    "PoolStatus",
     "RetryExhaustedError",
     "WebSocketContextError",
     "WebSocketContextHelper",

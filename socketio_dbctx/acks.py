@@ -1,16 +1,29 @@
-"""Structured error acks: what a client receives when its event failed."""
+"""Error acks: the codes, their messages, and which exception gets which code.
+
+Every failed event the client asked an ack for is answered with an
+:class:`~socketio_dbctx.shapes.ErrorAck`, ``{"error": code, "message": text,
+"retryable": bool}``, where ``code`` is one of :data:`ERROR_CODES`. This module is
+the one place that maps exceptions to codes, texts and log levels.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from .errors import InvalidRequestError, RetryExhaustedError
-from .transient import error_code
+from sqlalchemy import exc as sa_exc
 
-__all__ = ["MESSAGES", "error_payload", "log_failure"]
+from .errors import (
+    BusyError,
+    DatabaseUnavailableError,
+    InvalidRequestError,
+    RetryExhaustedError,
+)
+from .shapes import ErrorAck
+from .transient import is_connection_error
 
-logger = logging.getLogger("socketio_dbctx")
+__all__ = ["ERROR_CODES", "MESSAGES", "error_code", "error_payload", "log_failure"]
+
+logger = logging.getLogger(__name__)
 
 #: Safe human text per error code; exception text never reaches the client by default.
 MESSAGES = {
@@ -20,8 +33,22 @@ MESSAGES = {
     "internal_error": "The server could not process this event.",
 }
 
+#: The values of the ``error`` key of an error ack.
+ERROR_CODES = tuple(MESSAGES)
 
-def error_payload(exc: BaseException, *, expose: bool) -> dict[str, Any]:
+
+def error_code(exc: BaseException) -> str:
+    """Map an exception to the ``error`` key of an error ack."""
+    if isinstance(exc, InvalidRequestError):
+        return "invalid_request"
+    if isinstance(exc, (BusyError, sa_exc.TimeoutError)):
+        return "busy"
+    if isinstance(exc, DatabaseUnavailableError) or is_connection_error(exc):
+        return "db_unavailable"
+    return "internal_error"
+
+
+def error_payload(exc: BaseException, *, expose: bool) -> ErrorAck:
     """The ack for a failed event.
 
     :param exc: what the event raised.
@@ -31,7 +58,7 @@ def error_payload(exc: BaseException, *, expose: bool) -> dict[str, Any]:
     code = error_code(exc)
     # An InvalidRequestError is written for the client (by us or by the handler).
     message = str(exc) if isinstance(exc, InvalidRequestError) and str(exc) else MESSAGES[code]
-    payload: dict[str, Any] = {
+    payload: ErrorAck = {
         "error": code,
         "message": message,
         "retryable": code == "busy" or isinstance(exc, RetryExhaustedError),

@@ -4,19 +4,17 @@ An event first takes a slot of its own client (sid), then one of the process, so
 client flooding events queues behind itself instead of taking every pooled
 connection. A wait longer than ``DBCTX_QUEUE_TIMEOUT`` ends in :class:`BusyError`.
 The semaphores are the async mode's own, so waiting never blocks a whole process
-under eventlet or gevent.
+under eventlet or gevent. The pipeline step that uses this lives in
+:mod:`socketio_dbctx.middleware`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .errors import BusyError
-
-if TYPE_CHECKING:
-    from .pipeline import CallNext, Event
 
 __all__ = ["Admission", "ProcessLimit", "semaphore_factory"]
 
@@ -92,11 +90,16 @@ class Admission:
         self._spare: list[Semaphore] = []
         self._lock = threading.Lock()
 
-    def run(self, sid: str | None, call_next: CallNext) -> Any:
-        """Run ``call_next`` once admitted; raise :class:`BusyError` after the timeout."""
+    @property
+    def unlimited(self) -> bool:
+        """True when neither a process nor a per-client limit applies."""
+        return self.process.semaphore is None and not self.per_client
+
+    def run(self, sid: str | None, call: Callable[[], Any]) -> Any:
+        """Run ``call`` once admitted; raise :class:`BusyError` after the timeout."""
         process = self.process
-        if process.semaphore is None and not self.per_client:
-            return call_next()
+        if self.unlimited:
+            return call()
         deadline = time.monotonic() + self.timeout
         client = self._enter_client(sid) if self.per_client and sid is not None else None
         try:
@@ -106,7 +109,7 @@ class Admission:
                 if process.semaphore is not None:
                     process.wait(process.semaphore, deadline, "a database slot", self.timeout)
                 try:
-                    return call_next()
+                    return call()
                 finally:
                     if process.semaphore is not None:
                         process.semaphore.release()
@@ -137,23 +140,3 @@ class Admission:
                 self._clients.pop(sid, None)
                 if len(self._spare) < _SPARE_MAX:
                     self._spare.append(client.semaphore)  # every slot is free again
-
-    def clients(self) -> int:
-        """How many sids have events running or waiting."""
-        return len(self._clients)
-
-    def middleware(self, event: Event, call_next: CallNext) -> Any:
-        """The pipeline's outermost step: hold the event until it is admitted.
-
-        An event turned away here never reaches the metrics step, so it is counted
-        as ``busy`` here.
-        """
-        start = time.perf_counter()
-        try:
-            return self.run(event.sid, call_next)
-        except BusyError:
-            if event.phase == "admission":
-                metrics = event.state.metrics
-                metrics.started(event.key, event.namespace, event.name)
-                metrics.finished(event.key, time.perf_counter() - start, "busy")
-            raise

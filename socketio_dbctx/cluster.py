@@ -14,24 +14,23 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import text
 
 from .errors import ContextSetupError
-from .monitor import snapshot, worker_id
 from .pool import worst_status
+from .shapes import ClusterPayload, FleetTotals, MonitorPayload
 
 if TYPE_CHECKING:
-    from flask import Flask
-
-    from .extension import AppState
-    from .monitor import MonitorNamespace
+    from sqlalchemy.engine import Engine
 
 __all__ = ["KEY_PREFIX", "ClusterView", "cluster_redis_url", "fleet_totals"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "socketio_dbctx:"
 
@@ -47,7 +46,7 @@ def cluster_redis_url(configured: str | None, socketio: Any) -> str | None:
     return None
 
 
-def fleet_totals(workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def fleet_totals(workers: Mapping[str, Mapping[str, Any]]) -> FleetTotals:
     """Add up the default pools of every worker."""
     checked_out = capacity = 0
     bounded = True
@@ -67,12 +66,16 @@ def fleet_totals(workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 class ClusterView:
-    """Publishes this worker's payload and reads everybody's.
+    """Publishes this worker's payload and reads everybody's, every ``interval``.
+
+    It knows nothing of the monitor: it is given callables.
 
     :param redis_url: where the snapshots live.
-    :param app: the app whose payload to publish.
-    :param state: its :class:`~socketio_dbctx.extension.AppState`.
-    :param monitor: the ``/monitor`` namespace whose local subscribers get pushes.
+    :param worker: this worker's id (``host:pid``).
+    :param interval: seconds between rounds (``DBCTX_MONITOR_INTERVAL``).
+    :param payload: returns this worker's monitor payload.
+    :param push: receives each ``cluster_status`` payload (for local subscribers).
+    :param engine: returns the default engine, to read ``max_connections``.
     :param spawn: starts a background task in the async mode.
     :param sleep: sleeps in the async mode.
     """
@@ -80,9 +83,12 @@ class ClusterView:
     def __init__(
         self,
         redis_url: str,
-        app: Flask,
-        state: AppState,
-        monitor: MonitorNamespace,
+        *,
+        worker: str,
+        interval: float,
+        payload: Callable[[], MonitorPayload],
+        push: Callable[[ClusterPayload], Any],
+        engine: Callable[[], Engine | None],
         spawn: Callable[[Callable[[], None]], Any],
         sleep: Callable[[float], Any],
     ) -> None:
@@ -94,8 +100,8 @@ class ClusterView:
                 "or leave DBCTX_CLUSTER_REDIS_URL unset and use no Redis message queue"
             ) from exc
 
-        self.interval = state.settings.monitor_interval
-        self.worker = worker_id()
+        self.interval = interval
+        self.worker = worker
         self.key = f"{KEY_PREFIX}worker:{self.worker}"
         self.max_connections: int | None = None
         self._ttl_ms = max(1, math.ceil(self.interval * 3 * 1000))
@@ -103,10 +109,12 @@ class ClusterView:
         self._redis = redis.Redis.from_url(
             redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
-        self._app, self._state, self._monitor, self._sleep = app, state, monitor, sleep
+        self._payload, self._push, self._engine = payload, push, engine
+        self._sleep = sleep
         self._redis_down = False
         self._warned_capacity = False
         self._stopped = False
+        self._ended = threading.Event()
         spawn(self._loop)
 
     # -- redis ----------------------------------------------------------------------
@@ -128,18 +136,18 @@ class ClusterView:
             logger.info("cluster view: Redis is back (%s)", what)
         return result
 
-    def publish(self, payload: dict[str, Any]) -> None:
+    def publish(self, payload: MonitorPayload) -> None:
         """Write this worker's payload, expiring after three intervals."""
         data = json.dumps(payload, default=str)
         self._redis_call("publish", lambda: self._redis.set(self.key, data, px=self._ttl_ms))
 
-    def workers(self) -> dict[str, dict[str, Any]]:
+    def workers(self) -> dict[str, MonitorPayload]:
         """Every live worker's last payload, by ``host:pid``."""
 
-        def read() -> dict[str, dict[str, Any]]:
+        def read() -> dict[str, MonitorPayload]:
             keys = sorted(self._redis.scan_iter(match=f"{KEY_PREFIX}worker:*", count=100))
             values = self._redis.mget(keys) if keys else []
-            found: dict[str, dict[str, Any]] = {}
+            found: dict[str, MonitorPayload] = {}
             for value in values:
                 if value is not None:
                     payload = json.loads(value)
@@ -148,18 +156,18 @@ class ClusterView:
 
         return self._redis_call("read", read)  # type: ignore[no-any-return]
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> ClusterPayload:
         """The ``cluster_status`` payload (from this worker alone while Redis is away)."""
         error = None
         try:
             workers = self.workers()
         except Exception:
-            workers = {self.worker: snapshot(self._app, self._state)}
+            workers = {self.worker: self._payload()}
             error = "redis unavailable: showing this worker only"
         totals = fleet_totals(workers)
         totals["max_connections"] = self.max_connections
         status = worst_status([str(w.get("status", "unknown")) for w in workers.values()])
-        result: dict[str, Any] = {
+        result: ClusterPayload = {
             "timestamp": time.time(),
             "status": "unknown" if error else status,
             "workers": workers,
@@ -173,7 +181,7 @@ class ClusterView:
 
     def _read_max_connections(self) -> None:
         try:
-            engine = self._state.engines(self._app).get("default")
+            engine = self._engine()
             if engine is None or engine.dialect.name != "postgresql":
                 return
             with engine.connect() as conn:
@@ -181,7 +189,7 @@ class ClusterView:
         except Exception:
             logger.warning("cluster view: could not read max_connections", exc_info=True)
 
-    def _check_capacity(self, totals: dict[str, Any]) -> None:
+    def _check_capacity(self, totals: FleetTotals) -> None:
         capacity, limit = totals.get("capacity"), self.max_connections
         if limit is None or capacity is None or self._warned_capacity:
             return
@@ -196,20 +204,45 @@ class ClusterView:
                 limit,
             )
 
-    def stop(self) -> None:
-        """End the loop after its current round."""
+    @property
+    def running(self) -> bool:
+        """True until the loop has ended."""
+        return not self._ended.is_set()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """End the loop after its current round; wait up to ``timeout`` seconds.
+
+        :returns: True when the loop has ended.
+        """
         self._stopped = True
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            while self.running and time.monotonic() < deadline:
+                self._sleep(0.05)
+        return not self.running
 
     def _loop(self) -> None:
-        self._read_max_connections()
-        while not self._stopped:
-            try:
-                # a failed publish is logged once by _redis_call; subscribers still get a view
-                with contextlib.suppress(Exception):
-                    self.publish(snapshot(self._app, self._state))
-                cluster = self.payload()
-                self._check_capacity(cluster["totals"])
-                self._monitor.push("cluster_status", cluster)
-            except Exception:
-                logger.debug("cluster round failed", exc_info=True)
-            self._sleep(self.interval)
+        try:
+            self._read_max_connections()
+            while not self._stopped:
+                try:
+                    # a failed publish is logged once by _redis_call; subscribers still
+                    # get a view
+                    with contextlib.suppress(Exception):
+                        self.publish(self._payload())
+                    cluster = self.payload()
+                    self._check_capacity(cluster["totals"])
+                    self._push(cluster)
+                except Exception:
+                    logger.debug("cluster round failed", exc_info=True)
+                self._sleep_unless_stopped()
+            with contextlib.suppress(Exception):
+                self._redis.delete(self.key)  # leave the fleet at once, not after 3 intervals
+        finally:
+            self._ended.set()
+
+    def _sleep_unless_stopped(self) -> None:
+        # short naps, so stop() does not wait a whole interval
+        deadline = time.monotonic() + self.interval
+        while not self._stopped and time.monotonic() < deadline:
+            self._sleep(min(0.25, max(0.0, deadline - time.monotonic())))

@@ -1,5 +1,7 @@
-"""Configuration: the ``DBCTX_`` keys, their defaults, and validation.
+"""Configuration: the ``DBCTX_`` keys, their defaults, and validation, declared once.
 
+Each setting is one field of :class:`Settings` carrying its own check; the subset a
+namespace may override with a class attribute is :class:`NamespaceSettings`.
 Precedence, lowest first: defaults, ``app.config["DBCTX_..."]``, keyword options
 given to :class:`~socketio_dbctx.DBContext`, then per-namespace class attributes.
 """
@@ -14,44 +16,42 @@ from urllib.parse import urlsplit
 
 from .errors import ContextSetupError
 
-__all__ = ["PREFIX", "Settings", "load_settings"]
+__all__ = [
+    "NAMESPACE_SETTINGS",
+    "PREFIX",
+    "NamespaceSettings",
+    "Settings",
+    "is_number",
+    "load_settings",
+]
 
 PREFIX = "DBCTX_"
 
 MonitorAuth = Union[None, bool, str, Callable[[Any], bool]]
+Check = Callable[[str, Any], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Validated configuration of one app (or one namespace within it)."""
+def is_number(
+    value: Any,
+    minimum: float = 0,
+    *,
+    integer: bool = False,
+    maximum: float | None = None,
+    above: bool = False,
+) -> bool:
+    """True for a finite int (or float, unless ``integer``), never a bool, within bounds.
 
-    commit_on_success: bool = True
-    max_retries: int = 2
-    retry_delay: float = 0.05
-    retry_max_delay: float = 2.0
-    max_in_flight_per_client: int = 4
-    max_concurrent_events: int | None = None
-    queue_timeout: float = 10.0
-    leak_threshold: float = 30.0
-    warn_utilization: float = 0.8
-    monitor_namespace: str = "/monitor"
-    monitor_interval: float = 2.0
-    monitor_auth: MonitorAuth = None
-    expose_errors: bool = False
-    cluster_redis_url: str | None = None
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            _VALIDATORS[field.name](field.name, getattr(self, field.name))
-
-    def override(self, values: Mapping[str, Any]) -> Settings:
-        """Return a copy with ``values`` applied; ``None`` values are ignored.
-
-        :param values: lower-case setting names to new values.
-        """
-        changes = {k: v for k, v in values.items() if v is not None}
-        _check_names(changes)
-        return dataclasses.replace(self, **changes) if changes else self
+    :param minimum: the smallest value allowed (excluded when ``above``).
+    :param maximum: the largest value allowed, if any.
+    """
+    kinds = (int,) if integer else (int, float)
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, kinds)
+        and math.isfinite(value)
+        and (value > minimum if above else value >= minimum)
+        and (maximum is None or value <= maximum)
+    )
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -67,30 +67,25 @@ def _bool(name: str, value: Any) -> None:
 
 
 def _number(
-    minimum: float, *, integer: bool = False, optional: bool = False, maximum: float | None = None
-) -> Callable[[str, Any], None]:
+    minimum: float,
+    *,
+    integer: bool = False,
+    optional: bool = False,
+    maximum: float | None = None,
+    above: bool = False,
+) -> Check:
+    expected = "an integer" if integer else "a number"
+    expected += f" {'>' if above else '>='} {minimum}"
+    expected += f" and <= {maximum}" if maximum is not None else ""
+    expected += " or None" if optional else ""
+
     def check(name: str, value: Any) -> None:
         if value is None and optional:
             return
-        kinds = (int,) if integer else (int, float)
-        expected = "an integer" if integer else "a number"
-        expected += f" >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, kinds)
-            or not math.isfinite(value)
-            or value < minimum
-            or (maximum is not None and value > maximum)
-        ):
-            _fail(name, value, expected + (" or None" if optional else ""))
+        if not is_number(value, minimum, integer=integer, maximum=maximum, above=above):
+            _fail(name, value, expected)
 
     return check
-
-
-def _positive(name: str, value: Any) -> None:
-    _number(0)(name, value)
-    if value == 0:
-        _fail(name, value, "a number > 0")
 
 
 def _namespace(name: str, value: Any) -> None:
@@ -118,24 +113,67 @@ def _redis_url(name: str, value: Any) -> None:
         _fail(name, value, "a Redis URL with a valid port")
 
 
-_VALIDATORS: dict[str, Callable[[str, Any], None]] = {
-    "commit_on_success": _bool,
-    "max_retries": _number(0, integer=True),
-    "retry_delay": _number(0),
-    "retry_max_delay": _number(0),
-    "max_in_flight_per_client": _number(0, integer=True),
-    "max_concurrent_events": _number(0, integer=True, optional=True),
-    "queue_timeout": _number(0),
-    "leak_threshold": _number(0),
-    "warn_utilization": _number(0, maximum=1),
-    "monitor_namespace": _namespace,
-    "monitor_interval": _positive,
-    "monitor_auth": _auth,
-    "expose_errors": _bool,
-    "cluster_redis_url": _redis_url,
-}
+def _setting(default: Any, check: Check) -> Any:
+    return dataclasses.field(default=default, metadata={"check": check})
 
-_NAMES = frozenset(_VALIDATORS)
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated configuration of one app (or one namespace within it).
+
+    Each field is the lower-case name of a ``DBCTX_`` key.
+    """
+
+    commit_on_success: bool = _setting(True, _bool)
+    max_retries: int = _setting(2, _number(0, integer=True))
+    retry_delay: float = _setting(0.05, _number(0))
+    retry_max_delay: float = _setting(2.0, _number(0))
+    max_in_flight_per_client: int = _setting(4, _number(0, integer=True))
+    max_concurrent_events: int | None = _setting(None, _number(0, integer=True, optional=True))
+    queue_timeout: float = _setting(10.0, _number(0))
+    leak_threshold: float = _setting(30.0, _number(0))
+    warn_utilization: float = _setting(0.8, _number(0, maximum=1))
+    monitor_namespace: str = _setting("/monitor", _namespace)
+    monitor_interval: float = _setting(2.0, _number(0, above=True))
+    monitor_auth: MonitorAuth = _setting(None, _auth)
+    expose_errors: bool = _setting(False, _bool)
+    cluster_redis_url: str | None = _setting(None, _redis_url)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            field.metadata["check"](field.name, getattr(self, field.name))
+
+    def override(self, values: Mapping[str, Any]) -> Settings:
+        """Return a copy with ``values`` applied; ``None`` values are ignored.
+
+        :param values: lower-case setting names to new values.
+        """
+        changes = {k: v for k, v in values.items() if v is not None}
+        _check_names(changes)
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+class NamespaceSettings:
+    """The settings a :class:`~socketio_dbctx.DBContextNamespace` may override with a
+    class attribute of the same name; ``None`` (the default) keeps the app's value."""
+
+    commit_on_success: bool | None = None
+    expose_errors: bool | None = None
+    max_in_flight_per_client: int | None = None
+    max_retries: int | None = None
+    queue_timeout: float | None = None
+    retry_delay: float | None = None
+    retry_max_delay: float | None = None
+
+    def setting_overrides(self) -> dict[str, Any]:
+        """This object's overrides by setting name (``None``: not overridden)."""
+        return {name: getattr(self, name) for name in NAMESPACE_SETTINGS}
+
+
+#: Names of the settings a namespace may override.
+NAMESPACE_SETTINGS = tuple(NamespaceSettings.__annotations__)
+
+_NAMES = frozenset(field.name for field in dataclasses.fields(Settings))
 
 
 def _check_names(values: Mapping[str, Any]) -> None:

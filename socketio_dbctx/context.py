@@ -25,9 +25,17 @@ if TYPE_CHECKING:
     from .pipeline import Event
     from .sessions import SessionSource
 
-__all__ = ["Scope", "async_scope", "commit", "current_scope", "open_scope", "session_scope"]
+__all__ = [
+    "Scope",
+    "async_scope",
+    "commit",
+    "current_scope",
+    "follow_commits",
+    "open_scope",
+    "session_scope",
+]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 
 class Scope:
@@ -72,9 +80,16 @@ def _on_committed(session: Session) -> None:
         scope.event.committed = True
 
 
-# Class-level listeners reach every Session subclass (Flask-SQLAlchemy's included).
-sa_event.listen(Session, "before_commit", _on_commit_start)
-sa_event.listen(Session, "after_commit", _on_committed)
+def follow_commits(factory: Any) -> None:
+    """Mark the commit phase of events on the sessions ``factory`` makes.
+
+    ``factory`` is a ``sessionmaker`` or ``scoped_session``: SQLAlchemy attaches the
+    listeners to that maker's own ``Session`` subclass, so sessions made elsewhere in
+    the process never run them. Idempotent.
+    """
+    if not sa_event.contains(factory, "before_commit", _on_commit_start):
+        sa_event.listen(factory, "before_commit", _on_commit_start)
+        sa_event.listen(factory, "after_commit", _on_committed)
 
 
 def current_scope() -> Scope | None:

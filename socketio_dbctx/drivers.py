@@ -1,7 +1,7 @@
 """A start-up check that the database driver cooperates with green threads.
 
 Under eventlet or gevent a blocking driver stalls the whole process while it waits
-for the database (DESIGN section 1, case 6). ``eventlet.monkey_patch()`` makes
+for the database. ``eventlet.monkey_patch()`` makes
 psycopg2 cooperative; under gevent psycopg2 needs ``psycogreen``; psycopg 3 has no
 such patch for either.
 """
@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 __all__ = ["check_green_driver", "enforce_connect_timeout", "green_driver_problem"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 
 def green_driver_problem(engine: Engine, async_mode: str | None) -> str | None:

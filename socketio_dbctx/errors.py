@@ -9,15 +9,12 @@ Exception tree::
      +- DatabaseUnavailableError(..., RuntimeError)    connection problems
          +- RetryExhaustedError                        .attempts, .last_exception
 
-Every failed event the client asked an ack for is answered with a payload of the
-shape ``{"error": code, "message": text, "retryable": bool}`` where ``code`` is one
-of :data:`ERROR_CODES`.
+Which error code each exception is answered with lives in :mod:`socketio_dbctx.acks`.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "ERROR_CODES",
     "BusyError",
     "ContextSetupError",
     "DatabaseUnavailableError",
@@ -25,9 +22,6 @@ __all__ = [
     "RetryExhaustedError",
     "WebSocketContextError",
 ]
-
-#: The values of the ``error`` key of an error ack.
-ERROR_CODES = ("invalid_request", "busy", "db_unavailable", "internal_error")
 
 
 class WebSocketContextError(Exception):

@@ -1,180 +1,46 @@
-"""The Flask extension: ``DBContext(app=None, socketio=None, db=None, ...)`` + ``init_app``."""
+"""The Flask extension: ``DBContext(app=None, socketio=None, db=None, ...)`` + ``init_app``.
+
+A thin facade: it registers an :class:`~socketio_dbctx.state.AppState` per app,
+wires the ``/monitor`` namespace and the cluster view, and opens scopes and tasks
+for the app it is called in.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from flask import Flask, current_app, has_app_context
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import context
-from .admission import ProcessLimit
 from .cluster import ClusterView, cluster_redis_url
-from .config import Settings, load_settings
-from .drivers import enforce_connect_timeout
+from .config import Settings, is_number, load_settings
 from .errors import ContextSetupError
 from .health import health_check
-from .leaks import LeakWatchdog, PoolTracker, Stack
-from .metrics import EventMetrics
 from .monitor import MonitorNamespace
-from .pool import pool_capacity, pool_status, worst_status
-from .sessions import SessionFactory, SessionSource, make_source
+from .pool import worst_status
+from .sessions import SessionFactory, make_source
+from .shapes import EventSummary, HealthResult, PoolStatus
+from .state import AppState, register, worker_id
 from .tasks import PeriodicTask, spawn
 
 if TYPE_CHECKING:
     from flask_socketio import SocketIO
     from flask_sqlalchemy import SQLAlchemy
 
-__all__ = ["AppState", "DBContext", "app_state"]
+__all__ = ["DBContext"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def _describe_checkout() -> tuple[str | None, str | None, Stack | None]:
-    scope = context.current_scope()
-    if scope is None:
-        return None, None, None
-    event = scope.event
-    if event is None:
-        return scope.label, None, None
-    # Inside an event the handler says where: no stack walk on the hot path.
-    code = getattr(getattr(event.handler, "__func__", event.handler), "__code__", None)
-    where = ((code.co_filename, code.co_firstlineno, code.co_name),) if code else None
-    return scope.label, event.sid, where
-
-
-class AppState:
-    """Everything socketio_dbctx keeps for one Flask app."""
-
-    def __init__(
-        self, settings: Settings, source: SessionSource, socketio: SocketIO | None
-    ) -> None:
-        self.settings = settings
-        self.source = source
-        self.socketio = socketio
-        self.metrics = EventMetrics()
-        self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
-        self._watchdog: LeakWatchdog | None = None
-        self._tracking = False
-        self.drivers_checked = False
-        #: the cluster view (several workers on a Redis message queue), when enabled
-        self.cluster: Any = None
-        self._process_limit: ProcessLimit | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def waiting(self) -> int:
-        """Events waiting for admission or for a checkout from a full pool right now."""
-        admission = self._process_limit.waiting if self._process_limit else 0
-        return admission + self.tracker.checkout_waiting
-
-    def process_limit(self, app: Flask, async_mode: str | None) -> ProcessLimit:
-        """The app's process-wide admission limit, made on first use.
-
-        ``DBCTX_MAX_CONCURRENT_EVENTS=None`` means the default engine's pool capacity.
-        """
-        if self._process_limit is None:
-            with self._lock:
-                if self._process_limit is None:
-                    limit = self.settings.max_concurrent_events
-                    if limit is None:
-                        default = self.engines(app).get("default")
-                        limit = pool_capacity(default) if default is not None else None
-                    self._process_limit = ProcessLimit(async_mode, limit)
-        return self._process_limit
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep the async mode's way."""
-        if self.socketio is not None and self.socketio.server is not None:
-            self.socketio.sleep(seconds)
-        else:
-            time.sleep(seconds)
-
-    def track(self, app: Flask) -> None:
-        """Make sure the leak tracker follows ``app``'s engines (cheap after the first call)."""
-        if not self._tracking:
-            self.engines(app)
-            self._tracking = True
-
-    def engines(self, app: Flask) -> dict[str, Engine]:
-        """The app's engines by bind name, each followed by the checkout tracker."""
-        engines = self.source.engines(app)
-        for engine in engines.values():
-            self.tracker.watch_waits(engine)
-            if self.tracker.attach(engine):  # first sight of this engine
-                enforce_connect_timeout(engine, self.async_mode)
-                if self.settings.leak_threshold and not self._watchdog:
-                    self._watchdog = _watchdog(self.tracker, self.socketio)
-        return engines
-
-    @property
-    def async_mode(self) -> str | None:
-        """The Socket.IO async mode, when a server is known."""
-        server = getattr(self.socketio, "server", None)
-        return getattr(server, "async_mode", None)
-
-    def pool_statuses(self, app: Flask) -> dict[str, dict[str, Any]]:
-        """Pool dicts of every engine of ``app``."""
-        s = self.settings
-        return {
-            name: pool_status(
-                engine,
-                name,
-                checkouts=self.tracker.checkouts(engine),
-                warn_utilization=s.warn_utilization,
-                leak_threshold=s.leak_threshold,
-                waiting=self.waiting if name == "default" else 0,
-            )
-            for name, engine in self.engines(app).items()
-        }
-
-
-def _watchdog(tracker: PoolTracker, socketio: SocketIO | None) -> LeakWatchdog:
-    # Nothing here may refer to the AppState: the watchdog ends when the state is gone.
-    sleep = socketio.sleep if socketio is not None and socketio.server else time.sleep
-    return LeakWatchdog(tracker, lambda target: spawn(socketio, target), sleep)
-
-
-# Apps that use DBContextNamespace with Flask-SQLAlchemy but no DBContext.
-_implicit: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
-_IMPLICIT_LOCK = threading.Lock()
-
-
-def app_state(app: Flask, socketio: SocketIO | None = None) -> AppState:
-    """The state of ``app``: from its DBContext, else defaults over Flask-SQLAlchemy.
-
-    :raises ContextSetupError: when the app has neither.
-    """
-    ext = app.extensions.get("dbctx")
-    if isinstance(ext, DBContext):
-        return ext._state(app)
-    state = _implicit.get(app)
-    if state is None:
-        with _IMPLICIT_LOCK:
-            state = _implicit.get(app) or _implicit_state(app, socketio)
-    return state
-
-
-def _implicit_state(app: Flask, socketio: SocketIO | None) -> AppState:
-    if "sqlalchemy" not in app.extensions:
-        raise ContextSetupError(
-            "no database is configured for socketio_dbctx: call DBContext(app, socketio, db) "
-            "(or DBContext(app, socketio, session_factory=...)), or initialise "
-            "Flask-SQLAlchemy on this app with db.init_app(app)"
-        )
-    state = _implicit[app] = AppState(
-        load_settings(app.config, {}), make_source(None, None), socketio
-    )
-    return state
+def _name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__name__", None) or repr(func)
 
 
 class DBContext:
@@ -238,25 +104,47 @@ class DBContext:
             )
         state = AppState(settings, source, socketio)
         self._states[app] = state
+        register(app, state)
         app.extensions["dbctx"] = self
         try:
             # follow checkouts from the start, when the database is already set up
-            state.track(app)
+            state.follow(app)
         except (ContextSetupError, KeyError, RuntimeError):
-            logger.debug("database not set up yet; checkouts are tracked from first use")
+            logger.debug("database not set up yet; checkouts are followed from first use")
         if socketio is not None and settings.monitor_auth is not None:
-            if settings.monitor_auth is False:
-                logger.warning(
-                    "DBCTX_MONITOR_AUTH is False: %s is open to anyone who can connect",
-                    settings.monitor_namespace,
-                )
-            monitor = MonitorNamespace(settings.monitor_namespace)
-            socketio.on_namespace(monitor)
-            url = cluster_redis_url(settings.cluster_redis_url, socketio)
-            if url is not None:
-                state.cluster = ClusterView(
-                    url, app, state, monitor, lambda target: spawn(socketio, target), state.sleep
-                )
+            self._start_monitor(app, state, socketio)
+
+    def _start_monitor(self, app: Flask, state: AppState, socketio: SocketIO) -> None:
+        settings = state.settings
+        if settings.monitor_auth is False:
+            logger.warning(
+                "DBCTX_MONITOR_AUTH is False: %s is open to anyone who can connect",
+                settings.monitor_namespace,
+            )
+        monitor = MonitorNamespace(settings.monitor_namespace)
+        socketio.on_namespace(monitor)
+        url = cluster_redis_url(settings.cluster_redis_url, socketio)
+        if url is not None:
+            state.cluster = ClusterView(
+                url,
+                worker=worker_id(),
+                interval=settings.monitor_interval,
+                payload=lambda: state.payload(app),
+                push=lambda payload: monitor.push("cluster_status", payload),
+                engine=lambda: state.follow(app).get("default"),
+                spawn=lambda target: spawn(socketio, target),
+                sleep=state.sleep,
+            )
+
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Stop the background loops this extension started for the current (or only)
+        app: the cluster view leaves the fleet at once. For shutdown and tests.
+
+        :param timeout: seconds to wait for them to end (``None``: don't wait).
+        :returns: True when they have ended.
+        """
+        cluster = self._state(self._app()).cluster
+        return cluster.stop(timeout) if cluster is not None else True
 
     # -- app resolution -------------------------------------------------------------
 
@@ -283,22 +171,31 @@ class DBContext:
             else "this DBContext is not registered on any app: call dbctx.init_app(app) first"
         )
 
+    def _current(self) -> tuple[Flask, AppState]:
+        """The app to act on and its state, with its engines followed."""
+        app = self._app()
+        state = self._state(app)
+        state.follow(app)
+        return app, state
+
     def settings(self, app: Flask | None = None) -> Settings:
         """The validated settings of ``app`` (default: the current or only app)."""
         return self._state(app or self._app()).settings
 
     # -- scopes and tasks -----------------------------------------------------------
 
+    @staticmethod
+    def _scope(app: Flask, state: AppState, label: str) -> Any:
+        return context.session_scope(
+            app, state.source, commit_on_success=state.settings.commit_on_success, label=label
+        )
+
     @contextmanager
     def session_scope(self) -> Iterator[Session]:
         """A fresh app context and session: commit on success, roll back on error,
         always removed. Yields the session."""
-        app = self._app()
-        state = self._state(app)
-        state.track(app)
-        with context.session_scope(
-            app, state.source, commit_on_success=state.settings.commit_on_success
-        ) as session:
+        app, state = self._current()
+        with self._scope(app, state, "scope") as session:
             yield session
 
     def run_in_context(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -309,23 +206,15 @@ class DBContext:
     def start_background_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Like ``socketio.start_background_task``, but ``func`` runs inside its own
         scope; an exception is logged with its traceback."""
-        app = self._app()
-        state = self._state(app)
-        state.track(app)
-
-        label = f"task:{getattr(func, '__name__', 'task')}"
+        app, state = self._current()
+        label = f"task:{_name(func)}"
 
         def task() -> None:
             try:
-                with context.session_scope(
-                    app,
-                    state.source,
-                    commit_on_success=state.settings.commit_on_success,
-                    label=label,
-                ):
+                with self._scope(app, state, label):
                     func(*args, **kwargs)
             except Exception:
-                logger.exception("background task %s failed", getattr(func, "__name__", func))
+                logger.exception("background task %s failed", _name(func))
 
         return spawn(state.socketio, task)
 
@@ -340,31 +229,20 @@ class DBContext:
         """
         if not callable(func):
             raise ValueError(f"func must be callable, got {type(func).__name__}")
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, (int, float))
-            or not interval > 0
-        ):
+        if not is_number(interval, 0, above=True):
             raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
-        app = self._app()
-        state = self._state(app)
-        state.track(app)
-
-        label = f"periodic:{getattr(func, '__name__', 'task')}"
+        app, state = self._current()
+        label = f"periodic:{_name(func)}"
 
         def run_once() -> None:
-            with context.session_scope(
-                app, state.source, commit_on_success=state.settings.commit_on_success, label=label
-            ):
+            with self._scope(app, state, label):
                 func(*args, **kwargs)
 
-        return PeriodicTask(
-            state.socketio, run_once, float(interval), getattr(func, "__name__", repr(func))
-        )
+        return PeriodicTask(state.socketio, run_once, float(interval), _name(func))
 
     # -- observation ----------------------------------------------------------------
 
-    def pool_status(self, bind: str | None = None) -> dict[str, Any]:
+    def pool_status(self, bind: str | None = None) -> PoolStatus:
         """The pool dict of one bind (``None`` or ``"default"``: the default engine).
 
         :raises KeyError: for an unknown bind name.
@@ -375,7 +253,7 @@ class DBContext:
             raise KeyError(f"no bind named {name!r}; known binds: {', '.join(statuses)}")
         return statuses[name]
 
-    def pool_status_all(self) -> dict[str, dict[str, Any]]:
+    def pool_status_all(self) -> dict[str, PoolStatus]:
         """``{bind_name: pool dict}``, with ``"default"`` for the default engine."""
         app = self._app()
         return self._state(app).pool_statuses(app)
@@ -384,19 +262,15 @@ class DBContext:
         """The worst status of all pools."""
         return worst_status([p["status"] for p in self.pool_status_all().values()])
 
-    def health_check(self, timeout: float = 2.0) -> dict[str, Any]:
-        """Run ``SELECT 1`` on the default engine within ``timeout`` seconds; never raises.
-
-        :returns: ``{"healthy": bool, "latency_ms": float, "error": str | None}``.
-        """
+    def health_check(self, timeout: float = 2.0) -> HealthResult:
+        """Run ``SELECT 1`` on the default engine within ``timeout`` seconds; never raises."""
         try:
-            app = self._app()
-            state = self._state(app)
+            app, state = self._current()
             engine = state.engines(app).get("default")
         except Exception as exc:
             return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}: {exc}"}
         return health_check(engine, timeout, state.socketio)
 
-    def metrics(self) -> dict[str, dict[str, Any]]:
+    def metrics(self) -> dict[str, EventSummary]:
         """Per-event counters and latency percentiles, keyed ``"namespace:event"``."""
         return self._state(self._app()).metrics.snapshot()

@@ -11,19 +11,20 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from .leaks import NOT_WAITING
+from .shapes import HealthResult
 from .tasks import make_event, spawn
 
 __all__ = ["health_check"]
 
 
-def health_check(engine: Engine | None, timeout: float, socketio: Any = None) -> dict[str, Any]:
+def health_check(engine: Engine | None, timeout: float, socketio: Any = None) -> HealthResult:
     """Check out a connection, run ``SELECT 1`` and give it back, within ``timeout``.
 
     The probe runs in the async mode's own kind of thread, so a hung server or a
     full pool costs the caller ``timeout`` seconds at most.
 
-    :returns: ``{"healthy": bool, "latency_ms": float, "error": str | None}``; the
-        error text names the exception type only, never the URL.
+    :returns: a :class:`~socketio_dbctx.shapes.HealthResult`; the error text names
+        the exception type only, never the URL.
     """
     start = time.perf_counter()
     if engine is None:

@@ -20,15 +20,16 @@ from flask import Flask
 from sqlalchemy.orm import Session
 from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt
 
-from .config import load_settings
+from .config import is_number, load_settings
 from .context import async_scope, session_scope
 from .errors import RetryExhaustedError
-from .extension import DBContext
 from .health import health_check
 from .leaks import PoolTracker
 from .pool import pool_status
 from .retry import backoff
 from .sessions import FlaskSQLAlchemySource
+from .shapes import PoolStatus
+from .state import app_state
 from .transient import is_transient
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WebSocketContextHelper"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:
@@ -66,8 +67,7 @@ class WebSocketContextHelper:
         if not isinstance(app, Flask):
             raise ValueError(f"app must be a Flask application, got {type(app).__name__}")
         self.app = app
-        ext = app.extensions.get("dbctx")
-        state = ext._state(app) if isinstance(ext, DBContext) and db is None else None
+        state = app_state(app) if "dbctx" in app.extensions and db is None else None
         self._source = state.source if state else FlaskSQLAlchemySource(db)
         self._settings = state.settings if state else load_settings(app.config, {})
         self._tracker = state.tracker if state else PoolTracker(lambda: (None, None, None))
@@ -123,13 +123,9 @@ class WebSocketContextHelper:
             error is its ``__cause__``. A non-transient error propagates unchanged.
         """
         _check_callable(func)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        if not is_number(max_retries, 0, integer=True):
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-        if (
-            isinstance(retry_delay, bool)
-            or not isinstance(retry_delay, (int, float))
-            or not retry_delay >= 0
-        ):
+        if not is_number(retry_delay, 0):
             raise ValueError(f"retry_delay must be a number >= 0, got {retry_delay!r}")
 
         def log_retry(state: Any) -> None:
@@ -158,8 +154,8 @@ class WebSocketContextHelper:
 
     # -- observation ----------------------------------------------------------------
 
-    def get_connection_pool_status(self) -> dict[str, Any]:
-        """The pool dict of the default engine (DESIGN section 5)."""
+    def get_connection_pool_status(self) -> PoolStatus:
+        """The pool dict of the default engine."""
         engine = self._source.engines(self.app)["default"]
         self._tracker.attach(engine)
         status = pool_status(

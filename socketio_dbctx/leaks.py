@@ -20,11 +20,15 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
+from .shapes import LeakEntry
+
 __all__ = ["NOT_WAITING", "Checkout", "LeakWatchdog", "PoolTracker", "short_stack"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
-# Frames of these packages say nothing about who took the connection.
+# Frames of these packages say nothing about who took the connection. (SQLAlchemy 2.0
+# compiles some methods from strings, file "<string>": its module name tells them apart.)
+_SKIP_MODULES = ("sqlalchemy.", "socketio_dbctx.", "flask_sqlalchemy.")
 _SKIP = (
     "/sqlalchemy/",
     "<sqlalchemy",  # its generated wrappers
@@ -51,7 +55,8 @@ def short_stack(limit: int = 6) -> Stack:
     frame = sys._getframe(1)
     while frame is not None and len(frames) < limit:
         filename = frame.f_code.co_filename
-        if not any(part in filename for part in _SKIP):
+        module = frame.f_globals.get("__name__") or ""
+        if not module.startswith(_SKIP_MODULES) and not any(part in filename for part in _SKIP):
             frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back  # type: ignore[assignment]
     return tuple(frames)
@@ -94,6 +99,7 @@ class PoolTracker:
         self._engines: weakref.WeakKeyDictionary[Engine, dict[int, Checkout]] = (
             weakref.WeakKeyDictionary()
         )
+        self._waits: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def attach(self, engine: Engine) -> bool:
@@ -127,39 +133,63 @@ class PoolTracker:
         return True
 
     def watch_waits(self, engine: Engine) -> None:
-        """Count callers waiting for a connection of a full ``QueuePool``.
+        """Count callers waiting for a connection of ``engine``'s full ``QueuePool``.
 
-        SQLAlchemy has no event for a checkout that has to wait, so the pool's
-        ``_do_get`` is wrapped, once per pool object (``engine.dispose()`` makes a new
-        one, which the next call wraps).
+        SQLAlchemy has no event for a checkout that has to wait. ``QueuePool._do_get``
+        calls ``self._pool.get(block, timeout)`` on its queue, blocking only once
+        ``pool_size + max_overflow`` connections are out; that one ``get`` of the
+        pool's own queue object is wrapped, so each waiter counts once however
+        ``_do_get`` recurses. ``engine.dispose()`` makes a new pool with a new queue:
+        the ``engine_disposed`` event wraps it before any checkout can reach it (the
+        ``connect`` event backs that up for a pool replaced some other way). The
+        private names are pinned by ``tests/test_leaks.py`` on every SQLAlchemy line
+        CI installs (2.0 and 2.1).
         """
-        pool = engine.pool
-        if not isinstance(pool, QueuePool) or getattr(pool, "_dbctx_waits", False):
-            return
-        original = pool._do_get
-        capacity = pool.size() + pool._max_overflow if pool._max_overflow >= 0 else None
-        tracker = self
+        with self._lock:
+            if engine in self._waits:
+                return
+            self._waits.add(engine)
+        self._wrap_queue(engine.pool)
 
-        def do_get() -> Any:
-            if capacity is None or pool.checkedout() < capacity or NOT_WAITING.get():
-                return original()
+        def on_disposed(disposed: Engine) -> None:
+            self._wrap_queue(disposed.pool)
+
+        ref = weakref.ref(engine)
+
+        def on_connect(dbapi_conn: Any, rec: Any) -> None:
+            bound = ref()
+            if bound is not None:
+                self._wrap_queue(bound.pool)
+
+        event.listen(engine, "engine_disposed", on_disposed)
+        event.listen(engine, "connect", on_connect)
+
+    def _wrap_queue(self, pool: Any) -> None:
+        queue = getattr(pool, "_pool", None) if isinstance(pool, QueuePool) else None
+        if queue is None or getattr(queue, "_dbctx_waits", False):
+            return
+        get, tracker = queue.get, self
+
+        def counted_get(block: bool = True, timeout: float | None = None) -> Any:
+            if not block or not queue.empty() or NOT_WAITING.get():
+                return get(block, timeout)
             with tracker._lock:
                 tracker.checkout_waiting += 1
             try:
-                return original()
+                return get(block, timeout)
             finally:
                 with tracker._lock:
                     tracker.checkout_waiting -= 1
 
-        pool._do_get = do_get  # type: ignore[method-assign]
-        pool._dbctx_waits = True  # type: ignore[attr-defined]
+        queue.get = counted_get
+        queue._dbctx_waits = True
 
     def checkouts(self, engine: Engine) -> list[Checkout]:
         """The connections of ``engine`` checked out now (a snapshot)."""
         checkouts = self._engines.get(engine)
         return list(checkouts.values()) if checkouts else []
 
-    def scan(self) -> list[dict[str, Any]]:
+    def scan(self) -> list[LeakEntry]:
         """Report checkouts older than the threshold (each once) and list them.
 
         :returns: the ``leaks`` entries of the monitor payload, oldest first.

@@ -11,7 +11,8 @@ import bisect
 import math
 import threading
 from collections import deque
-from typing import Any
+
+from .shapes import EventSummary
 
 __all__ = ["BUCKETS", "WINDOW", "EventMetrics", "EventStats"]
 
@@ -121,9 +122,9 @@ class EventMetrics:
         with self._lock:
             return [s.copy() for s in self._stats.values()]
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self) -> dict[str, EventSummary]:
         """The ``events`` mapping of the monitor payload."""
-        result: dict[str, dict[str, Any]] = {}
+        result: dict[str, EventSummary] = {}
         for s in self.stats():
             durations = sorted(s.durations)
             result[f"{s.namespace}:{s.event}"] = {

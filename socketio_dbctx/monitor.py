@@ -12,43 +12,23 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, current_app, request
 from flask_socketio import Namespace
 
 from .acks import error_payload
 from .errors import BusyError, InvalidRequestError
-from .pool import worst_status
+from .health import health_check
+from .shapes import ClusterPayload, ErrorAck, HealthResult, MonitorPayload
+from .state import AppState, app_state
 
-if TYPE_CHECKING:
-    from .extension import AppState
+__all__ = ["MonitorNamespace", "check_auth"]
 
-__all__ = ["MonitorNamespace", "check_auth", "snapshot", "worker_id"]
-
-logger = logging.getLogger("socketio_dbctx")
-
-
-def worker_id() -> str:
-    """``hostname:pid`` of this process."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def snapshot(app: Flask, state: AppState) -> dict[str, Any]:
-    """The monitor payload of DESIGN section 6 for ``app`` in this process."""
-    pools = state.pool_statuses(app)
-    return {
-        "worker": worker_id(),
-        "timestamp": time.time(),
-        "status": worst_status([p["status"] for p in pools.values()]),
-        "pools": pools,
-        "events": state.metrics.snapshot(),
-        "leaks": state.tracker.scan(),
-    }
+logger = logging.getLogger(__name__)
 
 
 def check_auth(setting: Any, auth: Any) -> bool:
@@ -111,8 +91,6 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     # -- helpers ------------------------------------------------------------------------
 
     def _state(self) -> tuple[Flask, AppState]:
-        from .extension import app_state
-
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         return app, app_state(app, self.socketio)
 
@@ -127,11 +105,11 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             bucket.tokens -= 1
             return True
 
-    def _emit_to(self, sid: str, payload: dict[str, Any], event: str = "pool_status") -> None:
+    def _emit_to(self, sid: str, payload: Mapping[str, Any], event: str = "pool_status") -> None:
         # ignore_queue: a push is for this worker's own subscriber only, never via the queue
         self.socketio.emit(event, payload, to=sid, namespace=self.namespace, ignore_queue=True)
 
-    def push(self, event: str, payload: dict[str, Any]) -> None:
+    def push(self, event: str, payload: Mapping[str, Any]) -> None:
         """Send ``payload`` to every subscriber connected to this process."""
         with self._lock:
             sids = list(self._subscribers)
@@ -149,7 +127,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             logger.warning("monitor connection refused for sid %s", _sid())
             return False
         sid = _sid()
-        first = snapshot(app, state)  # before subscribing: if this fails, nobody is left behind
+        first = state.payload(app)  # before subscribing: if this fails, nobody is left behind
         with self._lock:
             self._subscribers[sid] = app
             start = not self._loop_running
@@ -174,16 +152,13 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
                     if not subscribers:
                         self._loop_running = False
                         return
-                payloads: dict[int, dict[str, Any]] = {}
+                payloads: dict[int, MonitorPayload] = {}
                 for sid, app in subscribers.items():
                     try:
                         payload = payloads.get(id(app))
                         if payload is None:
-                            from .extension import app_state
-
-                            payload = payloads[id(app)] = snapshot(
-                                app, app_state(app, self.socketio)
-                            )
+                            state = app_state(app, self.socketio)
+                            payload = payloads[id(app)] = state.payload(app)
                         self._emit_to(sid, payload)
                     except Exception:
                         logger.exception("monitor push to %s failed", sid)
@@ -204,7 +179,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
 
     # -- client events ------------------------------------------------------------------
 
-    def on_get_status(self, data: Any = None) -> dict[str, Any]:
+    def on_get_status(self, data: Any = None) -> MonitorPayload | ClusterPayload | ErrorAck:
         app, state = self._state()
         if not self._allow(_sid()):
             return error_payload(BusyError("too many monitor calls"), expose=False)
@@ -220,12 +195,14 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
                 InvalidRequestError("get_status takes nothing or {'scope': 'cluster'}"),
                 expose=False,
             )
-        return snapshot(app, state)
+        return state.payload(app)
 
-    def on_health(self, data: Any = None) -> dict[str, Any]:
+    def on_health(self, data: Any = None) -> HealthResult | ErrorAck:
         if not self._allow(_sid()):
             return error_payload(BusyError("too many monitor calls"), expose=False)
-        dbctx = current_app.extensions.get("dbctx")
-        if dbctx is None:
-            return {"healthy": False, "latency_ms": 0.0, "error": "DBContext is not registered"}
-        return dbctx.health_check()  # type: ignore[no-any-return]
+        app, state = self._state()
+        try:
+            engine = state.follow(app).get("default")
+        except Exception as exc:
+            return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}: {exc}"}
+        return health_check(engine, 2.0, self.socketio)

@@ -1,35 +1,82 @@
-"""The per-event middleware chain (Starlette's shape: ``mw(event, call_next)``).
+"""The per-event pipeline: the :class:`Event`, what we know of a handler, and the chain.
 
-The built-in order, outermost first::
-
-    admission -> metrics -> retry -> transaction -> user middleware -> handler
-
-``transaction`` opens the fresh app context and session, so everything inside it
-(user middleware included) runs once per attempt with its own session.
+A chain is built once per namespace runtime (as Starlette builds its middleware
+stack once): each built-in middleware is a function that takes the rest of the
+chain, a :data:`Step`, and returns a step; the innermost step calls the handler.
+User middleware keeps the simpler ``mw(event, call_next)`` shape and is adapted.
+The built-in steps live in :mod:`socketio_dbctx.middleware`.
 """
 
 from __future__ import annotations
 
-import time
+import inspect
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
-from sqlalchemy import exc as sa_exc
-
-from .context import commit, open_scope
-from .transient import error_code
+from .decorators import handler_options
+from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from .config import Settings
-    from .extension import AppState
+    from .state import AppState
 
-__all__ = ["Event", "Middleware", "metrics_middleware", "run_chain", "transaction_middleware"]
+__all__ = [
+    "CallNext",
+    "Event",
+    "HandlerSpec",
+    "Middleware",
+    "Step",
+    "Wrap",
+    "adapt",
+    "build_chain",
+    "call_handler",
+]
 
 CallNext = Callable[[], Any]
+#: User middleware: ``mw(event, call_next)``; its return value becomes the ack.
 Middleware = Callable[["Event", CallNext], Any]
+#: One built step of a chain: takes the event, returns the ack.
+Step = Callable[["Event"], Any]
+#: A built-in middleware: given the rest of the chain, returns its own step.
+Wrap = Callable[[Step], Step]
+
+
+class HandlerSpec:
+    """What we know of one handler, worked out once: its decorator options and how
+    many client arguments it accepts."""
+
+    __slots__ = ("max_args", "min_args", "options")
+
+    def __init__(self, handler: Callable[..., Any]) -> None:
+        self.options = handler_options(handler)
+        self.min_args = 0
+        self.max_args: float = 0
+        for param in inspect.signature(handler).parameters.values():
+            if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                self.max_args += 1
+                if param.default is param.empty:
+                    self.min_args += 1
+            elif param.kind is param.VAR_POSITIONAL:
+                self.max_args = float("inf")
+            elif param.kind is param.KEYWORD_ONLY and param.default is param.empty:
+                self.min_args = -1  # cannot be called with client arguments at all
+
+    def accepts(self, count: int) -> bool:
+        """Whether the handler can be called with ``count`` client arguments."""
+        return self.min_args != -1 and self.min_args <= count <= self.max_args
+
+    def describe_arity(self) -> str:
+        """The accepted argument count, for error messages."""
+        if self.min_args == -1:
+            return "no client"
+        if self.max_args == self.min_args:
+            return str(self.min_args)
+        if self.max_args == float("inf"):
+            return f"at least {self.min_args}"
+        return f"{self.min_args} to {int(self.max_args)}"
 
 
 class Event:
@@ -61,6 +108,7 @@ class Event:
         "settings",
         "sid",
         "sleep",
+        "spec",
         "state",
     )
 
@@ -75,7 +123,7 @@ class Event:
         sid: str | None,
         args: tuple[Any, ...],
         handler: Callable[..., Any],
-        options: dict[str, Any],
+        spec: HandlerSpec,
         sleep: Callable[[float], Any],
         fresh_context: bool = False,
     ) -> None:
@@ -87,7 +135,8 @@ class Event:
         self.sid = sid
         self.args = args
         self.handler = handler
-        self.options = options
+        self.spec = spec
+        self.options = spec.options
         self.sleep = sleep
         self.fresh_context = fresh_context
         self.key = f"{namespace}:{name}"
@@ -99,55 +148,30 @@ class Event:
         return f"<Event {self.key} sid={self.sid} attempt={self.attempt}>"
 
 
-def run_chain(
-    middleware: Sequence[Middleware], event: Event, endpoint: Callable[[Event], Any]
-) -> Any:
-    """Run ``event`` through ``middleware`` and then ``endpoint``.
-
-    Each ``call_next`` is a ``functools.partial`` (no Python frame of its own), and
-    may be called again, as the retry middleware does.
-    """
-    call_next: CallNext = partial(endpoint, event)
-    for step in reversed(middleware):
-        call_next = partial(step, event, call_next)
-    return call_next()
+def call_handler(event: Event) -> Any:
+    """The end of every chain: check the argument count, then call the handler."""
+    if not event.spec.accepts(len(event.args)):
+        raise InvalidRequestError(
+            f"{event.name} takes {event.spec.describe_arity()} argument(s), got {len(event.args)}"
+        )
+    return event.handler(*event.args)
 
 
-def metrics_middleware(event: Event, call_next: CallNext) -> Any:
-    """Count the event and time it, retries included."""
-    metrics = event.state.metrics
-    key = event.key
-    metrics.started(key, event.namespace, event.name)
-    start = time.perf_counter()
-    outcome = "error"
-    try:
-        result = call_next()
-        outcome = "ok"
-        return result
-    except Exception as exc:
-        if error_code(exc) == "busy":
-            outcome = "busy"
-            if isinstance(exc, sa_exc.TimeoutError):
-                metrics.pool_timeout()
-        raise
-    finally:
-        metrics.finished(key, time.perf_counter() - start, outcome)
+def adapt(middleware: Middleware) -> Wrap:
+    """Turn a user's ``mw(event, call_next)`` into a chain step."""
+
+    def wrap(rest: Step) -> Step:
+        def step(event: Event) -> Any:
+            return middleware(event, partial(rest, event))
+
+        return step
+
+    return wrap
 
 
-def transaction_middleware(event: Event, call_next: CallNext) -> Any:
-    """A fresh app context and session; commit on success, roll back on error.
-
-    The first attempt of an event that arrived with no app context active runs in the
-    app context Flask-SocketIO pushed for this event alone: it is already fresh. Every
-    other case (an outer app context, a retry) pushes a new one.
-    """
-    event.phase = "handler"
-    event.committed = False
-    fresh = event.fresh_context and event.attempt == 1
-    with open_scope(
-        event.app, event.state.source, event=event, label=event.key, fresh_context=fresh
-    ) as scope:
-        result = call_next()
-        if event.settings.commit_on_success:
-            commit(scope)
-        return result
+def build_chain(wraps: Sequence[Wrap], endpoint: Step = call_handler) -> Step:
+    """Build the chain once: ``wraps[0]`` outermost, ``endpoint`` innermost."""
+    step = endpoint
+    for wrap in reversed(wraps):
+        step = wrap(step)
+    return step

@@ -1,4 +1,4 @@
-"""Pool statistics: the pool dict of DESIGN section 5.
+"""Pool statistics: the pool dict (:class:`~socketio_dbctx.shapes.PoolStatus`).
 
 ``QueuePool`` counts its own connections; for other pools the number checked out
 comes from the :class:`~socketio_dbctx.leaks.PoolTracker`.
@@ -7,10 +7,12 @@ comes from the :class:`~socketio_dbctx.leaks.PoolTracker`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import AssertionPool, NullPool, Pool, QueuePool, StaticPool
+
+from .shapes import PoolStatus
 
 if TYPE_CHECKING:
     from .leaks import Checkout
@@ -26,8 +28,7 @@ def _limits(pool: Pool) -> tuple[int | None, int | None, float | None]:
         return pool.size(), max_overflow, pool.timeout()
     if isinstance(pool, NullPool):
         return 0, -1, None
-    size = getattr(pool, "_pool_size", None)  # SingletonThreadPool: one per thread, unbounded
-    return size, -1 if size is not None else None, None
+    return None, None, None  # SingletonThreadPool, StaticPool, ...: no bound to report
 
 
 def pool_capacity(engine: Engine) -> int | None:
@@ -46,8 +47,8 @@ def pool_status(
     warn_utilization: float,
     leak_threshold: float,
     waiting: int = 0,
-) -> dict[str, Any]:
-    """Describe ``engine``'s pool as the pool dict of DESIGN section 5.
+) -> PoolStatus:
+    """Describe ``engine``'s pool as a pool dict.
 
     :param engine: the engine.
     :param bind: its bind name (``"default"`` for the default engine).

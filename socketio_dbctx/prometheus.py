@@ -40,7 +40,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'socketio-dbctx[prometheus]'"
     ) from exc
 
+from .errors import ContextSetupError
 from .metrics import BUCKETS
+from .state import app_state
 
 if TYPE_CHECKING:
     from .extension import DBContext
@@ -56,7 +58,11 @@ class DBContextCollector:
     """
 
     def __init__(self, dbctx: DBContext, app: Flask) -> None:
-        self._state = dbctx._state(app)
+        if app.extensions.get("dbctx") is not dbctx:
+            raise ContextSetupError(
+                "this DBContext is not registered on that app: call dbctx.init_app(app) first"
+            )
+        self._state = app_state(app)
         self._app = app
 
     @staticmethod

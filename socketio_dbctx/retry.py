@@ -1,4 +1,4 @@
-"""Retry middleware: run an event again, from the start, after a transient failure.
+"""Retries: run an event again, from the start, after a transient failure.
 
 Backoff is exponential with full jitter,
 ``uniform(0, min(retry_max_delay, retry_delay * 2**n))``, driven by tenacity.
@@ -18,11 +18,11 @@ from .errors import RetryExhaustedError
 from .transient import is_rolled_back, is_transient
 
 if TYPE_CHECKING:
-    from .pipeline import CallNext, Event
+    from .pipeline import Event, Step
 
-__all__ = ["backoff", "retry_middleware", "should_retry"]
+__all__ = ["backoff", "max_retries_of", "run_with_retries", "should_retry"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 
 def backoff(retry_delay: float, retry_max_delay: float) -> wait_random_exponential:
@@ -80,14 +80,23 @@ def _before_sleep(state: RetryCallState) -> None:
     event.state.metrics.retried(event.key)
 
 
-def retry_middleware(event: Event, call_next: CallNext) -> Any:
-    """Run the rest of the chain again after a transient failure."""
+def max_retries_of(event: Event) -> int:
+    """Retries allowed for ``event``: its handler's decorators, else the settings."""
     options = event.options
-    max_retries = (
-        0 if options.get("no_retry") else options.get("max_retries", event.settings.max_retries)
-    )
+    if options.get("no_retry"):
+        return 0
+    return int(options.get("max_retries", event.settings.max_retries))
+
+
+def run_with_retries(event: Event, rest: Step, max_retries: int) -> Any:
+    """Run ``rest(event)``; after a transient failure that :func:`should_retry`
+    allows, run it again with backoff, up to ``max_retries`` more times.
+
+    :raises RetryExhaustedError: when every attempt failed transiently.
+    """
+    options = event.options
     try:
-        return call_next()
+        return rest(event)
     except Exception as exc:
         if max_retries == 0 or not should_retry(
             exc,
@@ -108,14 +117,14 @@ def retry_middleware(event: Event, call_next: CallNext) -> Any:
     )
     replay: list[BaseException] = [first]
 
-    def attempt(event: Event, call_next: CallNext, attempts: int) -> Any:
-        if replay:
+    def attempt(event: Event, rest: Step, attempts: int) -> Any:
+        if replay:  # the first attempt already ran: give tenacity its outcome
             raise replay.pop()
         event.attempt += 1
-        return call_next()
+        return rest(event)
 
     try:
-        return retrying(attempt, event, call_next, max_retries + 1)
+        return retrying(attempt, event, rest, max_retries + 1)
     except RetryError as exhausted:
         last = exhausted.last_attempt.exception()
         assert last is not None

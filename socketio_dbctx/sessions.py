@@ -12,12 +12,14 @@ from flask import Flask, current_app, has_app_context
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
+from .context import follow_commits
 from .errors import ContextSetupError
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
 
 __all__ = ["FlaskSQLAlchemySource", "SessionFactorySource", "SessionSource", "make_source"]
+
 
 SessionFactory = Union["sessionmaker[Any]", "scoped_session[Any]"]
 
@@ -69,11 +71,16 @@ class FlaskSQLAlchemySource(SessionSource):
 
     def __init__(self, db: SQLAlchemy | None) -> None:
         self._db = db
+        if db is not None:
+            follow_commits(db.session)
 
     def _resolve(self, app: Flask) -> SQLAlchemy:
-        db = self._db or app.extensions.get("sqlalchemy")
+        db: SQLAlchemy | None = self._db or app.extensions.get("sqlalchemy")
         if db is None:
             raise ContextSetupError(_NO_DB)
+        if db is not self._db:  # found on the app: follow it once
+            follow_commits(db.session)
+            self._db = db
         return db
 
     def open(self) -> Any:
@@ -98,8 +105,9 @@ class FlaskSQLAlchemySource(SessionSource):
         return {("default" if key is None else key): engine for key, engine in engines.items()}
 
 
-class _Own:
-    """Token of a ``sessionmaker`` scope: the session, once made."""
+class FactoryToken:
+    """What a ``sessionmaker`` scope holds: its session, once made, and what a
+    ``scoped_session``'s registry held before the scope."""
 
     __slots__ = ("previous", "session")
 
@@ -126,14 +134,15 @@ class SessionFactorySource(SessionSource):
             )
         self._factory = factory
         self._scoped = isinstance(factory, scoped_session)
+        follow_commits(factory)
 
     def open(self) -> Any:
         if self._scoped:
             registry = self._factory.registry  # type: ignore[union-attr]
-            own = _Own(registry() if registry.has() else None)
+            own = FactoryToken(registry() if registry.has() else None)
             registry.clear()
             return own
-        return _Own()
+        return FactoryToken()
 
     def get(self, token: Any) -> Session:
         if self._scoped:

@@ -1,7 +1,8 @@
 """Background and periodic tasks that hold a connection only while they work.
 
 Each run gets its own scope, so a loop that wakes every second holds no
-connection while it sleeps (the fix for DESIGN section 1, case 5).
+connection while it sleeps (instead of one ``with app.app_context():`` around the
+whole loop, which holds a session, and often a connection, for ever).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 __all__ = ["PeriodicTask", "spawn"]
 
-logger = logging.getLogger("socketio_dbctx")
+logger = logging.getLogger(__name__)
 
 
 def spawn(socketio: Any, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -1,19 +1,12 @@
-"""Which database failures are worth another attempt, and which error code they map to."""
+"""Which database failures are worth another attempt (pure classification, no I/O)."""
 
 from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
 
-from .errors import (
-    BusyError,
-    DatabaseUnavailableError,
-    InvalidRequestError,
-)
-
 __all__ = [
     "ROLLED_BACK_SQLSTATES",
     "TRANSIENT_SQLSTATES",
-    "error_code",
     "is_connection_error",
     "is_rolled_back",
     "is_transient",
@@ -77,14 +70,3 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.TimeoutError):
         return False
     return is_connection_error(exc) or is_rolled_back(exc)
-
-
-def error_code(exc: BaseException) -> str:
-    """Map an exception to the ``error`` key of an error ack."""
-    if isinstance(exc, InvalidRequestError):
-        return "invalid_request"
-    if isinstance(exc, (BusyError, sa_exc.TimeoutError)):
-        return "busy"
-    if isinstance(exc, DatabaseUnavailableError) or is_connection_error(exc):
-        return "db_unavailable"
-    return "internal_error"

@@ -525,8 +525,22 @@ DESIGN_NAMES = {
 }
 
 #: Types of objects the API hands out (the middleware's ``event``, the periodic task
-#: handle) and the version; exporting them is harmless.
-ALLOWED_EXTRAS = {"Event", "PeriodicTask", "__version__"}
+#: handle, the TypedDicts of the public return values, the namespace settings mixin)
+#: and the version; exporting them is harmless.
+ALLOWED_EXTRAS = {
+    "ClusterPayload",
+    "ErrorAck",
+    "Event",
+    "EventSummary",
+    "FleetTotals",
+    "HealthResult",
+    "LeakEntry",
+    "MonitorPayload",
+    "NamespaceSettings",
+    "PeriodicTask",
+    "PoolStatus",
+    "__version__",
+}
 
 
 def test_all_is_sorted_and_every_name_resolves():

@@ -25,8 +25,8 @@ from flask_sqlalchemy import SQLAlchemy
 from prometheus_client import CollectorRegistry
 
 from socketio_dbctx import DBContext, DBContextNamespace
-from socketio_dbctx.extension import app_state
 from socketio_dbctx.prometheus import register
+from socketio_dbctx.state import app_state
 
 THRESHOLD = 0.2
 TOKEN = "leak-token"
@@ -171,7 +171,9 @@ KINDS: list[tuple[Starter, str | None, bool]] = [
 
 
 def records(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "socketio_dbctx" and text in r.getMessage()]
+    return [
+        r for r in caplog.records if r.name.startswith("socketio_dbctx") and text in r.getMessage()
+    ]
 
 
 @pytest.mark.parametrize(
@@ -320,3 +322,48 @@ def test_leak_stack_starts_at_the_code_that_took_the_connection(
     assert frames, warning.getMessage()
     assert frames[0] == f'File "{__file__}", line {holder.line}, in hold_connection', frames
     assert not any("sqlalchemy" in frame.lower() for frame in frames), frames
+
+
+def _wait_for_checkout(engine: sa.Engine, outcome: list[str]) -> threading.Thread:
+    def take() -> None:
+        try:
+            engine.connect().close()
+            outcome.append("got one")
+        except sa.exc.TimeoutError:
+            outcome.append("timed out")
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("disposed", [False, True], ids=["pool", "after-dispose"])
+def test_one_checkout_waiting_on_a_full_pool_counts_once(tmp_path: Any, disposed: bool) -> None:
+    """``waiting`` counts a checkout blocked on a full ``QueuePool`` exactly once, and
+    keeps counting after ``engine.dispose()`` replaced the pool (this pins the
+    private ``QueuePool._pool.get`` that socketio_dbctx.leaks wraps, on the installed
+    SQLAlchemy)."""
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path / 'w.db'}"
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+        "poolclass": sa.pool.QueuePool,
+        "pool_size": 1,
+        "max_overflow": 0,
+        "pool_timeout": 2,
+    }
+    db = SQLAlchemy(app)
+    dbctx = DBContext(app, None, db, leak_threshold=0)
+    with app.app_context():
+        engine = db.engine
+    if disposed:
+        engine.dispose()
+    held = engine.connect()
+    outcome: list[str] = []
+    waiter = _wait_for_checkout(engine, outcome)
+    wait_for(lambda: dbctx.pool_status()["waiting"] == 1, timeout=5, message="one waiter counted")
+    assert dbctx.pool_status()["waiting"] == 1
+    held.close()
+    waiter.join(5)
+    assert outcome == ["got one"]
+    assert dbctx.pool_status()["waiting"] == 0
+    assert dbctx.pool_status()["checked_out"] == 0

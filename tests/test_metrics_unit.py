@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.pool import NullPool
 
 from socketio_dbctx import DBContext, DBContextNamespace
-from socketio_dbctx.extension import app_state
 from socketio_dbctx.metrics import BUCKETS, WINDOW, EventMetrics
 from socketio_dbctx.prometheus import DBContextCollector, metrics_response, register
+from socketio_dbctx.state import app_state
 
 NS = "/u"
 KEY = f"{NS}:send"

@@ -22,8 +22,7 @@ from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
 
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
-from socketio_dbctx.extension import app_state
-from socketio_dbctx.monitor import worker_id
+from socketio_dbctx.state import app_state, worker_id
 
 SYMBOL = re.compile(r"[A-Z0-9.]{1,12}")
 MAX_QTY = 1_000_000

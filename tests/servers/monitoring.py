@@ -38,8 +38,8 @@ from flask_sqlalchemy import SQLAlchemy
 from prometheus_client import CollectorRegistry
 
 from socketio_dbctx import DBContext, DBContextNamespace, MonitorNamespace
-from socketio_dbctx.extension import app_state
 from socketio_dbctx.prometheus import metrics_response, register
+from socketio_dbctx.state import app_state
 
 #: The token the auth callable accepts; ``RAISE_TOKEN`` makes it raise.
 CALLABLE_TOKEN = "cb-ok"
