@@ -11,6 +11,24 @@ Usage::
             return {"ok": True}          # committed before the ack
 
     socketio.on_namespace(Chat("/chat"))
+
+The modules form layers; each imports only from its own layer or those below it
+(``tests/test_architecture.py`` keeps this drawing true)::
+
+    facade      extension  helper  prometheus
+                    |         (the Flask extension, the asyncio helper, metrics export)
+    dispatch    namespace  monitor  dispatch
+                    |         (Socket.IO namespaces; per-namespace runtimes)
+    pipeline    middleware  pipeline
+                    |         (the Event, the chain built once, the built-in steps)
+    state       state
+                    |         (one app's settings, source, metrics, tracker; the registry)
+    scopes      context  sessions
+                    |         (a fresh app context and session per scope)
+    mechanisms  acks  admission  cluster  drivers  health  leaks  metrics  pool  retry  tasks
+                    |         (one concern each, no Flask-SocketIO dispatch knowledge)
+    base        config  decorators  errors  shapes  transient
+                              (settings, exceptions, public shapes, pure classification)
 """
 
 from __future__ import annotations
