@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
+
+# Document the package of this checkout, installed or not.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import socketio_dbctx
 
@@ -18,11 +23,7 @@ exclude_patterns = ["_build"]
 html_theme = "furo"
 html_title = f"socketio_dbctx {release}"
 
-# Documented objects are shown under the names users import them by
-# (``socketio_dbctx.DBContext``), whatever module defines them.
-add_module_names = True
 autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
 # socketio_dbctx.prometheus needs the optional prometheus_client; without it the
