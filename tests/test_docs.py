@@ -85,11 +85,6 @@ def test_configuration_page_lists_every_setting_with_its_default() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docstrings in socketio_dbctx/ still cite DESIGN sections (to be fixed in the "
-    "package); remove this marker once they do not",
-)
 def test_no_docstring_points_at_a_document_users_do_not_have() -> None:
     cited = [
         f"{path.relative_to(ROOT)}:{number}"
