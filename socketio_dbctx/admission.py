@@ -1,48 +1,50 @@
 """Admission control: bound concurrent events per client and per process.
 
-An event first takes a slot of its own client (sid), then one of the process, so a
-client flooding events queues behind itself instead of taking every pooled
-connection. A wait longer than ``DBCTX_QUEUE_TIMEOUT`` ends in :class:`BusyError`.
-The semaphores are the async mode's own, so waiting never blocks a whole process
-under eventlet or gevent. The pipeline step that uses this lives in
-:mod:`socketio_dbctx.middleware`.
+An event needs a slot of its own client (sid) and one of the process, so a client
+flooding events queues behind itself instead of taking every pooled connection. A
+wait longer than ``DBCTX_QUEUE_TIMEOUT`` ends in :class:`BusyError`.
+
+Counting is done under one plain lock per app (a few dict operations: two
+pure-Python semaphores per event cost several times more); only an event that has to
+wait gets an event object of the async mode, so waiting never blocks a whole process
+under eventlet or gevent. Waiters are served first come, first served, each as soon
+as both its client and the process have a free slot. The pipeline step that uses
+this lives in :mod:`socketio_dbctx.middleware`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from .errors import BusyError
 
-__all__ = ["Admission", "ProcessLimit", "semaphore_factory"]
-
-Semaphore = Any
-
-# Released per-client semaphores kept for reuse (bounded: idle clients cost nothing).
-_SPARE_MAX = 256
+__all__ = ["Admission", "ProcessLimit", "event_factory"]
 
 
-def semaphore_factory(async_mode: str | None) -> Callable[[int], Semaphore]:
-    """The bounded-semaphore class of an async mode."""
+def event_factory(async_mode: str | None) -> Callable[[], Any]:
+    """The ``Event`` class of an async mode (``set()``, ``wait(timeout)``)."""
     if async_mode == "eventlet":
-        from eventlet.semaphore import BoundedSemaphore as EventletSemaphore
+        from eventlet.green.threading import Event as EventletEvent
 
-        return EventletSemaphore  # type: ignore[no-any-return]
+        return EventletEvent  # type: ignore[no-any-return]
     if async_mode == "gevent":
-        from gevent.lock import BoundedSemaphore as GeventSemaphore
+        from gevent.event import Event as GeventEvent
 
-        return GeventSemaphore  # type: ignore[no-any-return]
-    return threading.BoundedSemaphore
+        return GeventEvent  # type: ignore[no-any-return]
+    return threading.Event
 
 
-class _Client:
-    __slots__ = ("semaphore", "users")
+class _Waiter:
+    __slots__ = ("admission", "admitted", "event", "sid")
 
-    def __init__(self, semaphore: Semaphore) -> None:
-        self.semaphore = semaphore
-        self.users = 0
+    def __init__(self, admission: Admission, sid: str | None, event: Any) -> None:
+        self.admission = admission
+        self.sid = sid
+        self.event = event
+        self.admitted = False
 
 
 class ProcessLimit:
@@ -53,25 +55,44 @@ class ProcessLimit:
     """
 
     def __init__(self, async_mode: str | None, limit: int | None) -> None:
-        self.make = semaphore_factory(async_mode)
         self.limit = limit or None
-        self.semaphore = self.make(self.limit) if self.limit else None
-        self._lock = threading.Lock()
-        self.waiting = 0
+        self.make_event = event_factory(async_mode)
+        self.running = 0
+        self._waiters: deque[_Waiter] = deque()
+        self.lock = threading.Lock()
 
-    def wait(self, semaphore: Semaphore, deadline: float, what: str, timeout: float) -> None:
-        """Take a slot of ``semaphore`` before ``deadline`` or raise BusyError."""
-        if semaphore.acquire(blocking=False):
-            return
-        with self._lock:
-            self.waiting += 1
+    @property
+    def waiting(self) -> int:
+        """Events waiting for admission right now."""
+        return len(self._waiters)
+
+    def has_room(self) -> bool:
+        """Whether one more event may run (call with :attr:`lock` held)."""
+        return self.limit is None or self.running < self.limit
+
+    def queue(self, waiter: _Waiter) -> None:
+        """Add ``waiter`` at the back (with :attr:`lock` held)."""
+        self._waiters.append(waiter)
+
+    def withdraw(self, waiter: _Waiter) -> None:
+        """Take a waiter that gave up out of the queue (with :attr:`lock` held)."""
         try:
-            left = max(0.0, deadline - time.monotonic())
-            if not semaphore.acquire(blocking=True, timeout=left):
-                raise BusyError(f"waited {timeout}s for {what}")
-        finally:
-            with self._lock:
-                self.waiting -= 1
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def settle(self) -> None:
+        """Admit waiters, oldest first, while slots allow (with :attr:`lock` held)."""
+        if not self._waiters:
+            return
+        for waiter in list(self._waiters):
+            if not self.has_room():
+                return
+            if waiter.admission.client_has_room(waiter.sid):
+                self._waiters.remove(waiter)
+                waiter.admission.take(waiter.sid)
+                waiter.admitted = True
+                waiter.event.set()
 
 
 class Admission:
@@ -86,57 +107,61 @@ class Admission:
         self.process = process
         self.per_client = per_client
         self.timeout = timeout
-        self._clients: dict[str, _Client] = {}
-        self._spare: list[Semaphore] = []
-        self._lock = threading.Lock()
+        self._clients: dict[str | None, int] = {}
 
     @property
     def unlimited(self) -> bool:
         """True when neither a process nor a per-client limit applies."""
-        return self.process.semaphore is None and not self.per_client
+        return self.process.limit is None and not self.per_client
+
+    def client_has_room(self, sid: str | None) -> bool:
+        """Whether ``sid`` may run one more event (with the process lock held)."""
+        return not self.per_client or sid is None or self._clients.get(sid, 0) < self.per_client
+
+    def take(self, sid: str | None) -> None:
+        """Count one more running event of ``sid`` (with the process lock held)."""
+        self.process.running += 1
+        if self.per_client and sid is not None:
+            self._clients[sid] = self._clients.get(sid, 0) + 1
+
+    def _give_back(self, sid: str | None) -> None:
+        process = self.process
+        with process.lock:
+            process.running -= 1
+            if self.per_client and sid is not None:
+                left = self._clients[sid] - 1
+                if left:
+                    self._clients[sid] = left
+                else:
+                    del self._clients[sid]  # per-sid state lives only while it runs events
+            process.settle()
+
+    def _enter(self, sid: str | None) -> None:
+        process = self.process
+        with process.lock:
+            # nobody may overtake a waiter that was here first
+            if not process.waiting and process.has_room() and self.client_has_room(sid):
+                self.take(sid)
+                return
+            waiter = _Waiter(self, sid, process.make_event())
+            process.queue(waiter)
+            process.settle()
+        if waiter.admitted or waiter.event.wait(self.timeout):
+            return
+        with process.lock:
+            if waiter.admitted:  # admitted just as the wait ended
+                return
+            process.withdraw(waiter)
+            process.settle()  # the queue's head may have changed
+        what = "a slot of this client" if process.has_room() else "a database slot"
+        raise BusyError(f"waited {self.timeout}s for {what}")
 
     def run(self, sid: str | None, call: Callable[[], Any]) -> Any:
         """Run ``call`` once admitted; raise :class:`BusyError` after the timeout."""
-        process = self.process
         if self.unlimited:
             return call()
-        deadline = time.monotonic() + self.timeout
-        client = self._enter_client(sid) if self.per_client and sid is not None else None
+        self._enter(sid)
         try:
-            if client is not None:
-                process.wait(client.semaphore, deadline, "a slot of this client", self.timeout)
-            try:
-                if process.semaphore is not None:
-                    process.wait(process.semaphore, deadline, "a database slot", self.timeout)
-                try:
-                    return call()
-                finally:
-                    if process.semaphore is not None:
-                        process.semaphore.release()
-            finally:
-                if client is not None:
-                    client.semaphore.release()
+            return call()
         finally:
-            if client is not None:
-                self._leave_client(client, sid)  # type: ignore[arg-type]
-
-    def _enter_client(self, sid: str) -> _Client:
-        with self._lock:
-            client = self._clients.get(sid)
-            if client is None:
-                # a released semaphore from the spare list saves building one per event
-                semaphore = (
-                    self._spare.pop() if self._spare else self.process.make(self.per_client)
-                )
-                client = self._clients[sid] = _Client(semaphore)
-            client.users += 1
-            return client
-
-    def _leave_client(self, client: _Client, sid: str) -> None:
-        # per-sid state lives only while the sid has events running or waiting
-        with self._lock:
-            client.users -= 1
-            if client.users == 0:
-                self._clients.pop(sid, None)
-                if len(self._spare) < _SPARE_MAX:
-                    self._spare.append(client.semaphore)  # every slot is free again
+            self._give_back(sid)

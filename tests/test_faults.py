@@ -113,7 +113,7 @@ def runs(server: ServerProcess, event: str, token: str) -> int:
 def retry_lines(server: ServerProcess, event: str) -> list[tuple[int, int]]:
     """``(attempt, of)`` of every WARNING retry line the server logged for ``event``."""
     pattern = re.compile(
-        rf"WARNING socketio_dbctx: retrying {re.escape(NS)}:{event} for sid \S+ "
+        rf"WARNING socketio_dbctx\.retry: retrying {re.escape(NS)}:{event} for sid \S+ "
         r"\(attempt (\d+) of (\d+)\)"
     )
     return [(int(a), int(b)) for a, b in pattern.findall(server.log())]
