@@ -35,6 +35,7 @@ from conftest import REPO_ROOT, ServerProcess, free_port, schema_url, wait_for
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
+from tcp_proxy import TcpProxy
 
 from socketio_dbctx import ContextSetupError, DBContext
 from socketio_dbctx.cluster import KEY_PREFIX
@@ -95,112 +96,12 @@ def cluster_redis(redis_url: str) -> Iterator[str]:
         client.close()
 
 
-class TcpProxy:
-    """A TCP proxy on 127.0.0.1 to ``target``, to cut a worker off Redis.
-
-    ``cut("refuse")`` closes every connection and the listening socket (connection
-    refused); ``cut("stall")`` keeps accepting but forwards nothing (a network
-    partition: the client times out). ``restore()`` listens on the same port again.
-    """
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = 0
-        self.mode = "up"
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self._listen()
-
-    def _listen(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._sockets.append(conn)
-                stalled = self.mode == "stall"
-            if stalled:
-                continue  # accepted, never answered
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                conn.close()
-                continue
-            with self._lock:
-                self._sockets.append(upstream)
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if self.mode == "up":
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _close_connections(self) -> None:
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):  # shutdown wakes the blocked accept()
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-
-    def cut(self, mode: str) -> None:
-        if mode not in ("refuse", "stall"):
-            raise ValueError(f"mode must be refuse or stall, got {mode!r}")
-        with self._lock:
-            self.mode = mode
-        if mode == "refuse":
-            self._close_listener()
-            self._close_connections()
-
-    def restore(self) -> None:
-        with self._lock:
-            self.mode = "up"
-        self._close_connections()  # stalled connections are out of step: start afresh
-        if self._listener is None:
-            self._listen()
-
-    def close(self) -> None:
-        self._close_listener()
-        self._close_connections()
-
-
 @pytest.fixture
 def redis_proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """A :class:`TcpProxy` in front of Redis, forwarding."""
     parts = urlsplit(redis_url)
-    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
-    try:
-        yield proxy
-    finally:
-        proxy.close()
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as running:
+        yield running
 
 
 # -- workers and monitor subscribers ---------------------------------------------------------
@@ -575,6 +476,13 @@ def test_killed_worker_leaves_the_cluster_view(
     assert_no_leaks(a, c)
 
 
+#: How a failure is made: "refuse", connections refused; "stall", a network partition.
+CUTS: dict[str, Callable[[TcpProxy], None]] = {
+    "refuse": TcpProxy.cut,
+    "stall": TcpProxy.partition,
+}
+
+
 @pytest.mark.parametrize(
     ("async_mode", "failure"),
     [
@@ -600,7 +508,7 @@ def test_redis_outage_is_survived(
     proxied = f"redis://127.0.0.1:{redis_proxy.port}/{fleet.db_index}"
     at_start = failure.endswith("-at-start")
     if at_start:
-        redis_proxy.cut("refuse")
+        redis_proxy.cut()
     a = fleet.start(async_mode, config={"DBCTX_CLUSTER_REDIS_URL": proxied})
     b = fleet.start("threading")
     sub_a, sub_b = subscribe(a), subscribe(b)
@@ -608,7 +516,7 @@ def test_redis_outage_is_survived(
     if not at_start:
         sub_a.wait("cluster_status", has_workers(a, b), SLACK, "A's view before the cut")
         assert REDIS_DOWN not in a.log()
-        redis_proxy.cut(failure)
+        CUTS[failure](redis_proxy)
 
     mark_a, mark_b = sub_a.mark(), sub_b.mark()
     wait_for(lambda: REDIS_DOWN in a.log(), SLACK, "the outage in A's log")
