@@ -55,7 +55,7 @@ REDIS_URL = os.environ.get("DBCTX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MONITOR_TOKEN = "benchmark-token"
 NAMESPACE = "/t"
 START_TIMEOUT = 30.0
-LOCK_KEY = "socketio_dbctx_tests:cluster-lock"  # shared with tests/test_cluster.py
+LOCK_KEY = "socketio_dbctx_tests:cluster-lock"  # tests/conftest.py CLUSTER_LOCK_KEY
 LOCK_SECONDS = 3600
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -224,7 +224,7 @@ class Run:
 
 def claim_redis_db() -> tuple[str, Any]:
     """A Redis URL on a database (15 down to 1) nobody else's cluster keys use, locked
-    the way tests/test_cluster.py locks one; returns ``(url, release)``."""
+    the way tests/conftest.py (cluster_redis) locks one; returns ``(url, release)``."""
     import redis
 
     parts = urlsplit(REDIS_URL)

@@ -19,9 +19,10 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 import socketio as socketio_client
 import sqlalchemy as sa
 from flask import Flask
@@ -64,6 +65,47 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return require_service("redis", REDIS_URL, 6379)
+
+
+#: Claims a Redis database for one test run of the cluster tests (also benchmarks/workers.py).
+CLUSTER_LOCK_KEY = "socketio_dbctx_tests:cluster-lock"
+CLUSTER_LOCK_SECONDS = 900
+
+
+@pytest.fixture
+def cluster_redis(redis_url: str) -> Iterator[str]:
+    """A Redis URL on a database (1-15) no other cluster test uses right now.
+
+    Cluster keys (``socketio_dbctx:worker:*``) are global per Redis database: every
+    test of several workers claims one by a lock key, and finds it and leaves it
+    without worker keys.
+    """
+    from socketio_dbctx.cluster import KEY_PREFIX  # here: only these tests need it
+
+    parts = urlsplit(redis_url)
+    owner = uuid.uuid4().hex
+    for index in range(15, 0, -1):  # database 0 is everybody's default
+        url = urlunsplit((parts.scheme, parts.netloc, f"/{index}", "", ""))
+        client = redis.Redis.from_url(url)
+        if client.set(CLUSTER_LOCK_KEY, owner, nx=True, ex=CLUSTER_LOCK_SECONDS):
+            break
+        client.close()
+    else:
+        pytest.fail("every Redis database 1-15 is locked by another cluster test run")
+
+    def clear() -> None:
+        stale = list(client.scan_iter(match=f"{KEY_PREFIX}worker:*"))
+        if stale:
+            client.delete(*stale)
+
+    clear()  # keys a killed run left behind
+    try:
+        yield url
+    finally:
+        clear()
+        if client.get(CLUSTER_LOCK_KEY) == owner.encode():
+            client.delete(CLUSTER_LOCK_KEY)
+        client.close()
 
 
 @pytest.fixture
