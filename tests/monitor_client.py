@@ -1,10 +1,10 @@
 """A real python-socketio client of ``/monitor`` that records every push.
 
-One helper for every test that subscribes to the monitor of a real server
-(``test_monitor.py``, ``test_cluster.py``, ``test_sample_workers.py``): it records
-each ``pool_status`` and ``cluster_status`` with its arrival time, waits for pushes
-with a deadline (failing with the server's log), and calls ``get_status`` or
-``health`` through the monitor's rate limit.
+One helper for every test that talks to the monitor of a real server
+(``test_monitor.py``, ``test_cluster.py``, ``test_sample_workers.py``,
+``test_sample_load.py``): it records each ``pool_status`` and ``cluster_status`` with
+its arrival time, waits for pushes with a deadline (failing with the server's log),
+and calls ``get_status`` or ``health`` through the monitor's rate limit.
 """
 
 from __future__ import annotations
