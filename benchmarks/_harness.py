@@ -1,9 +1,10 @@
 """Shared parts of the load benchmarks: servers, schemas, client processes, tables.
 
-Each benchmark starts ``benchmarks/_bench_server.py`` subprocesses on free ports, in
-a PostgreSQL schema of its own (dropped at the end), and drives them with real
-python-socketio clients over WebSocket. Nothing here imports eventlet or gevent: the
-benchmark process and its client processes stay unpatched.
+Each benchmark starts the tests' server, ``python -m tests.servers.app`` (for the load
+benchmarks with ``--extra tests.servers.load``), on free ports, in a PostgreSQL schema
+of its own (dropped at the end), and drives it with real python-socketio clients over
+WebSocket. Nothing here imports eventlet or gevent: the benchmark process and its
+client processes stay unpatched.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,14 +33,19 @@ from typing import Any
 import socketio
 import sqlalchemy as sa
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.server_launch import HTTP, server_command, wait_ready  # noqa: E402
+
 POSTGRES_URL = os.environ.get(
     "DBCTX_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
-ROOT = Path(__file__).resolve().parent.parent
-SERVER_SCRIPT = Path(__file__).resolve().parent / "_bench_server.py"
-NAMESPACE = "/b"
+#: The load handlers (``pg_sleep``, ``quick``, per-client background tasks, peaks).
+LOAD = "tests.servers.load"
+NAMESPACE = "/l"  # tests/servers/load.py's
 START_TIMEOUT = 30.0
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 PACKAGES = (
@@ -174,79 +179,99 @@ def free_port() -> int:
 
 
 class BenchServer:
-    """A running ``_bench_server.py``; stopped by :meth:`stop` (or the ``with`` block)."""
+    """A running ``python -m tests.servers.app``; stopped by :meth:`stop` (or the
+    ``with`` block).
 
-    def __init__(self, database_url: str, *, async_mode: str, plain: bool, **options: Any):
-        self.plain = plain
+    :param bare: no socketio_dbctx at all (``--bare``): the plain side of a comparison.
+    :param extra: ``--extra`` modules; by default :data:`LOAD`, its pool sampler off
+        (it would cost both sides CPU that is not theirs).
+    :param log_path: where the server's output goes; by default a temporary file.
+    :param log_level: the server's logging level.
+    :param options: more of :func:`tests.server_launch.server_command`'s keyword
+        arguments (``pool_size``, ``pool_timeout``, ``config``, ``message_queue``, ...).
+    :raises RuntimeError: when the server does not start.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        async_mode: str,
+        bare: bool = False,
+        extra: Sequence[str] = (LOAD,),
+        log_path: Path | None = None,
+        log_level: str = "WARNING",
+        **options: Any,
+    ) -> None:
+        self.bare = bare
         self.async_mode = async_mode
-        self._log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log")  # noqa: SIM115
+        self._tmp = None
+        if log_path is None:
+            self._tmp = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log")  # noqa: SIM115
+            log_path = Path(self._tmp.name)
+        self.log_path = log_path
+        if LOAD in extra:
+            options["config"] = {"LOAD_SAMPLER": False, **options.get("config", {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            str(SERVER_SCRIPT),
-            "--async-mode",
+        command = server_command(
             async_mode,
-            "--port",
-            str(self.port),
-            "--database-url",
+            self.port,
             database_url,
-        ]
-        if plain:
-            command.append("--plain")
-        for key, value in options.items():
-            if key == "config":
-                for name, setting in value.items():
-                    command += ["--set", f"{name}={json.dumps(setting)}"]
-            else:
-                command += [f"--{key.replace('_', '-')}", str(value)]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            bare=bare,
+            extra=extra,
+            log_level=log_level,
+            **options,
         )
-        try:
-            self._wait_ready()
-        except BaseException:
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        problem = wait_ready(self.proc, self.port, START_TIMEOUT)
+        if problem:
+            log = self.log()
             self.stop()
-            raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the benchmark server exited:\n{self.log()[-4000:]}")
-            try:
-                if self.get("/_ready", timeout=1) == "ok":
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the benchmark server did not start:\n{self.log()[-4000:]}")
+            raise RuntimeError(f"the benchmark server: {problem}\n{log[-4000:]}")
 
     def get(self, path: str, timeout: float = 10.0) -> str:
-        with _HTTP.open(self.url + path, timeout=timeout) as response:
+        with HTTP.open(self.url + path, timeout=timeout) as response:
             return str(response.read().decode())
 
+    def json(self, path: str) -> Any:
+        return json.loads(self.get(path))
+
     def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.get("/_stats"))
+        """``/_stats``: the pool dict (None when bare), ``checked_out``, ..."""
+        data: dict[str, Any] = self.json("/_stats")
+        return data
+
+    def checked_out(self) -> int:
+        return int(self.stats()["checked_out"])
+
+    def figures(self) -> dict[str, int]:
+        """The load handlers' peaks and counters since the last :meth:`reset`."""
+        data: dict[str, int] = self.json("/_load/peak")
         return data
 
     def reset(self) -> None:
-        self.get("/_reset")
+        """Start the load figures afresh (the peak at what is checked out now)."""
+        self.get("/_load/reset")
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
 
     def log(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         stop_process(self.proc)
-        self._log.close()
+        if self._tmp is not None:
+            self._tmp.close()
 
     def __enter__(self) -> BenchServer:
         return self

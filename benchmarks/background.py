@@ -51,6 +51,7 @@ from _harness import (
 )
 
 POOL = {"pool_size": 5, "max_overflow": 0}
+#: name, bare (no socketio_dbctx at all), LOAD_BACKGROUND
 SIDES = [("socketio_dbctx start_periodic_task", False, "periodic"), ("naive loop", True, "naive")]
 SAMPLE_EVERY = 0.1
 
@@ -91,16 +92,15 @@ class Ticks:
 
 
 def measure(
-    database_url: str, plain: bool, background: str, args: argparse.Namespace
+    database_url: str, bare: bool, background: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     ticks = Ticks(args.clients)
     with BenchServer(
         database_url,
         async_mode=args.async_mode,
-        plain=plain,
+        bare=bare,
         pool_timeout=args.pool_timeout,
-        background=background,
-        interval=args.interval,
+        config={"LOAD_BACKGROUND": background, "LOAD_INTERVAL": args.interval},
         **POOL,
     ) as server:
 
@@ -112,17 +112,17 @@ def measure(
         with ThreadPoolExecutor(10) as pool:
             clients = list(pool.map(join, range(args.clients)))
         try:
-            wait_until(lambda: server.stats()["tasks_started"] == args.clients, 30, "every task")
+            wait_until(lambda: server.figures()["tasks_started"] == args.clients, 30, "every task")
             time.sleep(args.interval)  # every task has had its first run
             server.reset()
             before = ticks.snapshot()
             samples = []
             end = time.monotonic() + args.duration
             while time.monotonic() < end:
-                samples.append(server.stats()["checked_out"])
+                samples.append(server.checked_out())
                 time.sleep(SAMPLE_EVERY)
             after = ticks.snapshot()
-            stats = server.stats()
+            stats = server.figures()
         finally:
             disconnect_all(clients)
     received = [b - a for a, b in zip(before, after)]
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     with postgres_schema() as database_url:
-        for name, plain, background in SIDES:
-            r = measure(database_url, plain, background, args)
+        for name, bare, background in SIDES:
+            r = measure(database_url, bare, background, args)
             rows.append(
                 [
                     name,

@@ -32,14 +32,11 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +50,7 @@ import sqlalchemy as sa
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from _harness import package_versions, stop_process  # noqa: E402
+from _harness import BenchServer, package_versions  # noqa: E402
 
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
@@ -74,8 +71,6 @@ PACKAGES = (
     "gevent",
     "tenacity",
 )
-# urllib without any proxy from the environment: the server is on 127.0.0.1.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class BenchError(Exception):
@@ -85,85 +80,36 @@ class BenchError(Exception):
 # -- infrastructure ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def schema_url(url: str, schema: str) -> str:
     sep = "&" if "?" in url else "?"
     return f"{url}{sep}options=-csearch_path%3D{schema}"
 
 
-class Server:
+class Server(BenchServer):
     """``python -m tests.servers.app`` with the fault handlers, through the proxy."""
 
     def __init__(self, async_mode: str, database_url: str, app_name: str, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
         options = {
             "pool_size": POOL_SIZE,
             "max_overflow": 0,
             "pool_timeout": POOL_TIMEOUT,
             "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "application_name": app_name},
         }
-        command = [
-            sys.executable,
-            "-m",
-            "tests.servers.app",
-            "--async-mode",
-            async_mode,
-            "--port",
-            str(self.port),
-            "--database-url",
-            database_url,
-            "--extra",
-            "tests.servers.faults",
-            "--set",
-            f"SQLALCHEMY_ENGINE_OPTIONS={json.dumps(options)}",
-        ]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+        try:
+            super().__init__(
+                database_url,
+                async_mode=async_mode,
+                extra=["tests.servers.faults"],
+                log_path=log,
+                log_level="INFO",
+                config={"SQLALCHEMY_ENGINE_OPTIONS": options},
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the server exited:\n{self.log()[-3000:]}")
-            try:
-                if self.get("/_ready", timeout=1) == "ok":
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise BenchError(f"the server did not start in 30 s:\n{self.log()[-3000:]}")
-
-    def get(self, path: str, timeout: float = 5.0) -> str:
-        with _HTTP.open(self.url + path, timeout=timeout) as response:
-            return str(response.read().decode())
-
-    def json(self, path: str) -> Any:
-        return json.loads(self.get(path))
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
 
     def retries(self) -> int:
         events = self.json("/f/metrics")["events"]
         return int(events.get(f"{NS}:write", {}).get("retries", 0))
-
-    def checked_out(self) -> int:
-        return int(self.json("/_stats")["checked_out"])
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop_process(self.proc, 5)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:

@@ -45,6 +45,7 @@ from _harness import (
 
 HOLD = 0.02
 POOL = {"pool_size": 5, "max_overflow": 0}
+#: name, bare (no socketio_dbctx at all), app.config
 SIDES: list[tuple[str, bool, dict[str, Any]]] = [
     ("socketio_dbctx, per-client limit 4", False, {"DBCTX_MAX_IN_FLIGHT_PER_CLIENT": 4}),
     ("socketio_dbctx, no per-client limit", False, {"DBCTX_MAX_IN_FLIGHT_PER_CLIENT": 0}),
@@ -69,12 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(
-    database_url: str, plain: bool, config: dict[str, Any], args: argparse.Namespace
+    database_url: str, bare: bool, config: dict[str, Any], args: argparse.Namespace
 ) -> tuple[CallerResult, FloodResult, int, int]:
     with BenchServer(
         database_url,
         async_mode=args.async_mode,
-        plain=plain,
+        bare=bare,
         pool_timeout=args.pool_timeout,
         config=config,
         **POOL,
@@ -90,7 +91,7 @@ def measure(
             flood=Flood(args.outstanding, "pg_sleep", [HOLD], True),
         )
         timeouts_logged = server.log().count("QueuePool limit")
-        peak = server.stats()["peak"]
+        peak = server.figures()["peak"]
     assert flood is not None
     return good, flood, timeouts_logged, peak
 
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     with postgres_schema() as database_url:
-        for name, plain, config in SIDES:
-            good, flood, timeouts_logged, peak = measure(database_url, plain, config, args)
+        for name, bare, config in SIDES:
+            good, flood, timeouts_logged, peak = measure(database_url, bare, config, args)
             rows.append(
                 [
                     name,

@@ -63,11 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(database_url: str, plain: bool, args: argparse.Namespace) -> dict[str, Any]:
+def measure(database_url: str, bare: bool, args: argparse.Namespace) -> dict[str, Any]:
     with BenchServer(
         database_url,
         async_mode=args.async_mode,
-        plain=plain,
+        bare=bare,
         pool_timeout=args.pool_timeout,
         **POOL,
     ) as server:
@@ -83,7 +83,7 @@ def measure(database_url: str, plain: bool, args: argparse.Namespace) -> dict[st
             duration=args.duration,
         )
         server_cpu = server.cpu() - cpu_before
-        stats = server.stats()
+        stats = server.figures()
         timeouts_logged = server.log().count("QueuePool limit")
     rate = result.done_in_window / args.duration
     return {
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with postgres_schema() as database_url:
         for _ in range(args.repeat):
-            for name, plain in (("socketio_dbctx", False), ("plain Namespace", True)):
+            for name, bare in (("socketio_dbctx", False), ("plain Namespace", True)):
                 started = time.monotonic()
-                r = measure(database_url, plain, args)
+                r = measure(database_url, bare, args)
                 failures = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items()))
                 rows.append(
                     [

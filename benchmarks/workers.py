@@ -32,20 +32,18 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from _harness import package_versions, stop_process
+from _harness import BenchServer, package_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
@@ -54,10 +52,8 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("DBCTX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MONITOR_TOKEN = "benchmark-token"
 NAMESPACE = "/t"
-START_TIMEOUT = 30.0
-LOCK_KEY = "socketio_dbctx_tests:cluster-lock"  # shared with tests/test_cluster.py
+LOCK_KEY = "socketio_dbctx_tests:cluster-lock"  # tests/conftest.py CLUSTER_LOCK_KEY
 LOCK_SECONDS = 3600
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 PACKAGES = (
     "socketio-dbctx",
@@ -135,70 +131,20 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
 # -- the fleet ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Worker:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def get(self, path: str) -> bytes:
-        with _HTTP.open(self.url + path, timeout=5) as response:
-            return bytes(response.read())
-
-    def checked_out(self) -> int:
-        return int(json.loads(self.get("/_stats"))["checked_out"])
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-def start_worker(args: argparse.Namespace, database_url: str, queue: str, logdir: Path) -> Worker:
-    port = free_port()
-    log = logdir / f"worker-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "tests.servers.app",
-        "--async-mode",
-        args.async_mode,
-        "--port",
-        str(port),
-        "--database-url",
+def start_worker(
+    args: argparse.Namespace, database_url: str, queue: str, logdir: Path
+) -> BenchServer:
+    """A worker: ``python -m tests.servers.app`` on the message queue, with a monitor."""
+    return BenchServer(
         database_url,
-        "--pool-size",
-        str(args.pool_size),
-        "--max-overflow",
-        "0",
-        "--message-queue",
-        queue,
-        "--set",
-        f"DBCTX_MONITOR_AUTH={json.dumps(MONITOR_TOKEN)}",
-        "--set",
-        "DBCTX_MONITOR_INTERVAL=2.0",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-    worker = Worker(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            worker.get("/_ready")
-            return worker
-        except OSError:
-            if time.monotonic() > deadline:
-                worker.stop()
-                raise RuntimeError(f"worker not ready in {START_TIMEOUT}s") from None
-            time.sleep(0.1)
+        async_mode=args.async_mode,
+        extra=(),
+        log_path=logdir / f"worker-{uuid.uuid4().hex[:8]}.log",
+        pool_size=args.pool_size,
+        max_overflow=0,
+        message_queue=queue,
+        config={"DBCTX_MONITOR_AUTH": MONITOR_TOKEN, "DBCTX_MONITOR_INTERVAL": 2.0},
+    )
 
 
 @dataclass
@@ -224,7 +170,7 @@ class Run:
 
 def claim_redis_db() -> tuple[str, Any]:
     """A Redis URL on a database (15 down to 1) nobody else's cluster keys use, locked
-    the way tests/test_cluster.py locks one; returns ``(url, release)``."""
+    the way tests/conftest.py (cluster_redis) locks one; returns ``(url, release)``."""
     import redis
 
     parts = urlsplit(REDIS_URL)
@@ -266,7 +212,7 @@ def run_fleet(size: int, args: argparse.Namespace, schema: str, queue: str, logd
     with engine.begin() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    workers: list[Worker] = []
+    workers: list[BenchServer] = []
     try:
         for _ in range(size):  # one by one: the first creates the tables
             workers.append(start_worker(args, database_url, queue, logdir))

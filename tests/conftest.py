@@ -11,22 +11,22 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 import socketio as socketio_client
 import sqlalchemy as sa
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
+from server_launch import HTTP, server_command, wait_ready
 
 POSTGRES_URL = os.environ.get(
     "DBCTX_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -64,6 +64,47 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return require_service("redis", REDIS_URL, 6379)
+
+
+#: Claims a Redis database for one test run of the cluster tests (also benchmarks/workers.py).
+CLUSTER_LOCK_KEY = "socketio_dbctx_tests:cluster-lock"
+CLUSTER_LOCK_SECONDS = 900
+
+
+@pytest.fixture
+def cluster_redis(redis_url: str) -> Iterator[str]:
+    """A Redis URL on a database (1-15) no other cluster test uses right now.
+
+    Cluster keys (``socketio_dbctx:worker:*``) are global per Redis database: every
+    test of several workers claims one by a lock key, and finds it and leaves it
+    without worker keys.
+    """
+    from socketio_dbctx.cluster import KEY_PREFIX  # here: only these tests need it
+
+    parts = urlsplit(redis_url)
+    owner = uuid.uuid4().hex
+    for index in range(15, 0, -1):  # database 0 is everybody's default
+        url = urlunsplit((parts.scheme, parts.netloc, f"/{index}", "", ""))
+        client = redis.Redis.from_url(url)
+        if client.set(CLUSTER_LOCK_KEY, owner, nx=True, ex=CLUSTER_LOCK_SECONDS):
+            break
+        client.close()
+    else:
+        pytest.fail("every Redis database 1-15 is locked by another cluster test run")
+
+    def clear() -> None:
+        stale = list(client.scan_iter(match=f"{KEY_PREFIX}worker:*"))
+        if stale:
+            client.delete(*stale)
+
+    clear()  # keys a killed run left behind
+    try:
+        yield url
+    finally:
+        clear()
+        if client.get(CLUSTER_LOCK_KEY) == owner.encode():
+            client.delete(CLUSTER_LOCK_KEY)
+        client.close()
 
 
 @pytest.fixture
@@ -192,8 +233,6 @@ def checked_out(db: SQLAlchemy, app: Flask) -> int:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASYNC_MODES = ["threading", "eventlet", "gevent"]
 SERVER_START_TIMEOUT = 20.0
-# urllib without any proxy from the environment: the servers are on 127.0.0.1.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def wait_for(
@@ -262,7 +301,7 @@ class ServerProcess:
         return f"<ServerProcess {self.async_mode} {kind} {self.url} pid={self.proc.pid}>"
 
     def get(self, path: str, timeout: float = 5.0) -> str:
-        with _HTTP.open(self.url + path, timeout=timeout) as response:
+        with HTTP.open(self.url + path, timeout=timeout) as response:
             return str(response.read().decode())
 
     def stats(self) -> dict[str, Any]:
@@ -305,22 +344,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int) -> str | None:
-    """None when ``/_ready`` answers; else why not (the process died or timed out)."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"the server exited with code {proc.returncode}"
-        try:
-            with _HTTP.open(f"http://127.0.0.1:{port}/_ready", timeout=1) as response:
-                if response.read() == b"ok":
-                    return None
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return f"the server did not answer /_ready within {SERVER_START_TIMEOUT}s"
 
 
 @pytest.fixture(params=ASYNC_MODES)
@@ -371,31 +394,18 @@ def server_factory(
         for attempt in range(3):  # a free port can be taken before the server binds it
             port = free_port()
             log_path = tmp_path / f"server-{len(servers)}-{async_mode}-{attempt}.log"
-            command = [
-                sys.executable,
-                "-m",
-                "tests.servers.app",
-                "--async-mode",
+            command = server_command(
                 async_mode,
-                "--port",
-                str(port),
-                "--database-url",
+                port,
                 database_url,
-                "--pool-size",
-                str(pool_size),
-                "--max-overflow",
-                str(max_overflow),
-                "--pool-timeout",
-                str(pool_timeout),
-            ]
-            if plain:
-                command.append("--plain")
-            for key, value in (config or {}).items():
-                command += ["--set", f"{key}={json.dumps(value)}"]
-            for module in extra:
-                command += ["--extra", module]
-            if message_queue:
-                command += ["--message-queue", message_queue]
+                plain=plain,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=pool_timeout,
+                config=config,
+                extra=extra,
+                message_queue=message_queue,
+            )
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             with log_path.open("wb") as log_file:
                 proc = subprocess.Popen(
@@ -409,7 +419,7 @@ def server_factory(
             server = ServerProcess(proc, port, log_path, async_mode, database_url, plain)
             server.schema = schema
             servers.append(server)
-            problem = _wait_ready(proc, port) or ""
+            problem = wait_ready(proc, port, SERVER_START_TIMEOUT) or ""
             if not problem:
                 return server
             server.stop()

@@ -8,7 +8,11 @@ can see the protocol) and then, from the outside, at any moment:
 * :meth:`TcpProxy.blackhole` closes every connection but keeps listening: new
   connections are accepted and never answered (the database hangs, or a firewall
   swallows the replies), so only the client's own timeouts end a connect;
-* :meth:`TcpProxy.restore` forwards again, on the same port;
+* :meth:`TcpProxy.partition` keeps every connection open but forwards nothing either
+  way, and accepts new connections without answering them (a network partition:
+  nothing is closed, only the client's own timeouts notice);
+* :meth:`TcpProxy.restore` forwards again, on the same port (connections held by a
+  blackhole or a partition are closed: they are out of step);
 * :meth:`TcpProxy.cut_next_commit` forwards the next ``COMMIT`` to the server, waits
   for the server's reply, drops it and closes that client connection: the COMMIT
   happened, and the application only knows that its connection broke during it.
@@ -32,7 +36,9 @@ __all__ = ["COMMIT_MESSAGE", "TcpProxy"]
 COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
 
 _CHUNK = 65536
-_STATES = ("forwarding", "refusing", "blackhole")
+_STATES = ("forwarding", "refusing", "blackhole", "partition")
+#: States in which new connections are accepted and held, never answered.
+_HOLDING = ("blackhole", "partition")
 
 
 class _Pair:
@@ -123,7 +129,8 @@ class TcpProxy:
 
     @property
     def state(self) -> str:
-        """``"stopped"``, ``"forwarding"``, ``"refusing"`` or ``"blackhole"``."""
+        """``"stopped"``, ``"forwarding"``, ``"refusing"``, ``"blackhole"`` or
+        ``"partition"``."""
         return self._state
 
     @property
@@ -162,12 +169,22 @@ class TcpProxy:
         if self._listener is None:
             self._listen()
 
+    def partition(self) -> None:
+        """Keep every connection open but drop what either side sends; accept new
+        connections but never answer them."""
+        self._require_started("partition")
+        with self._lock:
+            self._state = "partition"
+        if self._listener is None:
+            self._listen()
+
     def restore(self) -> None:
-        """Forward again (on the same port). Connections held by a blackhole are closed."""
+        """Forward again (on the same port). Connections held by a blackhole or a
+        partition are closed."""
         self._require_started("restore")
         with self._lock:
             previous, self._state = self._state, "forwarding"
-        if previous == "blackhole":
+        if previous in _HOLDING:
             self._close_all()
         if self._listener is None:
             self._listen()
@@ -285,7 +302,7 @@ class TcpProxy:
                 except OSError:
                     client.close()  # the target is down: so is the proxy, for this client
                     continue
-            elif state != "blackhole":
+            elif state not in _HOLDING:
                 client.close()
                 continue
             pair = _Pair(client, upstream)
@@ -312,7 +329,8 @@ class TcpProxy:
                 self._pairs.discard(pair)
 
     def _hold(self, pair: _Pair) -> None:
-        """A blackholed connection: read and discard until it is closed."""
+        """A connection accepted in a blackhole or a partition: read and discard
+        until it is closed."""
         try:
             with contextlib.suppress(OSError):
                 while pair.client.recv(_CHUNK):
@@ -328,6 +346,8 @@ class TcpProxy:
                 data = source.recv(_CHUNK)
                 if not data:
                     return
+                if self._state == "partition":
+                    continue  # lost in the network; the connection stays open
                 if to_server:
                     if COMMIT_MESSAGE in data:
                         with self._lock:

@@ -10,31 +10,26 @@ channel is global per Redis server.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 import socketio
 import sqlalchemy as sa
-from conftest import REPO_ROOT, ServerProcess, free_port, schema_url, wait_for
+from conftest import ServerProcess, wait_for
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
+from monitor_client import MONITOR, MonitorClient
+from tcp_proxy import TcpProxy
 
 from socketio_dbctx import ContextSetupError, DBContext
 from socketio_dbctx.cluster import KEY_PREFIX
@@ -42,20 +37,18 @@ from socketio_dbctx.cluster import KEY_PREFIX
 pytestmark = [pytest.mark.server, pytest.mark.postgres, pytest.mark.redis]
 
 TOKEN = "cluster-test-token"
-MONITOR = "/monitor"
 #: DBCTX_MONITOR_INTERVAL of every worker; a key lives three of them.
 INTERVAL = 1.0
 #: How long anything the cluster view promises "within an interval or three" may take
 #: here (two shared CPU cores, other test runs at the same time): generous.
 SLACK = 15.0
-LOCK_KEY = "socketio_dbctx_tests:cluster-lock"
-LOCK_SECONDS = 900
 CAPACITY_WARNING = "more than PostgreSQL's max_connections"
 REDIS_DOWN = "cluster view: Redis unavailable"
 REDIS_BACK = "cluster view: Redis is back"
 
 ServerFactory = Callable[..., ServerProcess]
 ClientFactory = Callable[..., socketio.Client]
+Subscribe = Callable[[ServerProcess], MonitorClient]
 
 
 def worker_of(server: ServerProcess) -> str:
@@ -63,144 +56,15 @@ def worker_of(server: ServerProcess) -> str:
     return f"{socket.gethostname()}:{server.proc.pid}"
 
 
-# -- Redis: a database of our own, and a proxy we can cut -------------------------------
-
-
-@pytest.fixture
-def cluster_redis(redis_url: str) -> Iterator[str]:
-    """A Redis URL on a database (1-15) no other cluster test uses right now."""
-    parts = urlsplit(redis_url)
-    owner = uuid.uuid4().hex
-    for index in range(15, 0, -1):  # database 0 is everybody's default
-        url = urlunsplit((parts.scheme, parts.netloc, f"/{index}", "", ""))
-        client = redis.Redis.from_url(url)
-        if client.set(LOCK_KEY, owner, nx=True, ex=LOCK_SECONDS):
-            break
-        client.close()
-    else:
-        pytest.fail("every Redis database 1-15 is locked by another cluster test run")
-
-    def clear() -> None:
-        stale = list(client.scan_iter(match=f"{KEY_PREFIX}worker:*"))
-        if stale:
-            client.delete(*stale)
-
-    clear()  # keys a killed run left behind
-    try:
-        yield url
-    finally:
-        clear()
-        if client.get(LOCK_KEY) == owner.encode():
-            client.delete(LOCK_KEY)
-        client.close()
-
-
-class TcpProxy:
-    """A TCP proxy on 127.0.0.1 to ``target``, to cut a worker off Redis.
-
-    ``cut("refuse")`` closes every connection and the listening socket (connection
-    refused); ``cut("stall")`` keeps accepting but forwards nothing (a network
-    partition: the client times out). ``restore()`` listens on the same port again.
-    """
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = 0
-        self.mode = "up"
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self._listen()
-
-    def _listen(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._sockets.append(conn)
-                stalled = self.mode == "stall"
-            if stalled:
-                continue  # accepted, never answered
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                conn.close()
-                continue
-            with self._lock:
-                self._sockets.append(upstream)
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if self.mode == "up":
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _close_connections(self) -> None:
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):  # shutdown wakes the blocked accept()
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-
-    def cut(self, mode: str) -> None:
-        if mode not in ("refuse", "stall"):
-            raise ValueError(f"mode must be refuse or stall, got {mode!r}")
-        with self._lock:
-            self.mode = mode
-        if mode == "refuse":
-            self._close_listener()
-            self._close_connections()
-
-    def restore(self) -> None:
-        with self._lock:
-            self.mode = "up"
-        self._close_connections()  # stalled connections are out of step: start afresh
-        if self._listener is None:
-            self._listen()
-
-    def close(self) -> None:
-        self._close_listener()
-        self._close_connections()
+# -- Redis: a database of our own (conftest's cluster_redis), and a proxy we can cut ----
 
 
 @pytest.fixture
 def redis_proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """A :class:`TcpProxy` in front of Redis, forwarding."""
     parts = urlsplit(redis_url)
-    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
-    try:
-        yield proxy
-    finally:
-        proxy.close()
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as running:
+        yield running
 
 
 # -- workers and monitor subscribers ---------------------------------------------------------
@@ -248,113 +112,20 @@ def fleet(cluster_redis: str, server_factory: ServerFactory) -> Fleet:
     return Fleet(cluster_redis, f"/trade_{uuid.uuid4().hex[:10]}", server_factory, [])
 
 
-@dataclass
-class Received:
-    at: float  # time.monotonic() on arrival
-    event: str
-    data: dict[str, Any]
-
-
 def _workers(data: dict[str, Any]) -> set[str]:
     return set(data.get("workers", {}))
 
 
-class Subscriber:
-    """A real ``/monitor`` client recording every ``pool_status`` and ``cluster_status``."""
-
-    def __init__(self, url: str, describe: str, log: Callable[[], str]) -> None:
-        self.describe = describe
-        self.log = log
-        self.client = socketio.Client(reconnection=False)
-        self.received: list[Received] = []
-        self._lock = threading.Lock()
-        for event in ("pool_status", "cluster_status"):
-            self.client.on(event, self._recorder(event), namespace=MONITOR)
-        self.client.connect(
-            url,
-            namespaces=[MONITOR],
-            transports=["websocket"],
-            auth={"token": TOKEN},
-            wait_timeout=10,
-        )
-
-    def _recorder(self, event: str) -> Callable[[dict[str, Any]], None]:
-        def record(data: dict[str, Any]) -> None:
-            with self._lock:
-                self.received.append(Received(time.monotonic(), event, data))
-
-        return record
-
-    def mark(self) -> int:
-        with self._lock:
-            return len(self.received)
-
-    def since(self, mark: int, event: str | None = None) -> list[Received]:
-        with self._lock:
-            return [r for r in self.received[mark:] if event is None or r.event == event]
-
-    def wait(
-        self,
-        event: str,
-        predicate: Callable[[dict[str, Any]], bool],
-        timeout: float,
-        message: str,
-        since: int = 0,
-    ) -> Received:
-        """The first ``event`` received after ``since`` that satisfies ``predicate``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.since(since, event)
-            for item in seen:
-                if predicate(item.data):
-                    return item
-            if time.monotonic() >= deadline:
-                last = seen[-1].data if seen else None
-                summary = (
-                    {k: last.get(k) for k in ("status", "totals", "error", "worker")}
-                    | {"workers": sorted(_workers(last))}
-                    if last
-                    else None
-                )
-                pytest.fail(
-                    f"timed out after {timeout}s on {self.describe}: {message}; "
-                    f"{len(seen)} {event} received, the last: {summary}\n--- server log ---\n"
-                    + self.log()[-4000:]
-                )
-            time.sleep(0.05)
-
-    def wait_count(self, event: str, count: int, timeout: float, since: int) -> list[Received]:
-        wait_for(
-            lambda: len(self.since(since, event)) >= count,
-            timeout,
-            f"{count} {event} pushes from {self.describe}",
-        )
-        return self.since(since, event)[:count]
-
-    def get_status(self, *data: Any, timeout: float = 30.0) -> Any:
-        """``get_status`` acked, waiting out the monitor's own rate limit if need be."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ack = self.client.call("get_status", *data, namespace=MONITOR, timeout=timeout)
-            busy = isinstance(ack, dict) and ack.get("error") == "busy"
-            if not busy or time.monotonic() >= deadline:
-                return ack
-            time.sleep(0.25)
-
-
 @pytest.fixture
-def subscribe(fleet: Fleet) -> Iterator[Callable[..., Subscriber]]:
-    """``subscribe(server)`` (or ``subscribe(url, describe, log)``): a connected
-    Subscriber, disconnected before the servers stop."""
-    subscribers: list[Subscriber] = []
+def subscribe(fleet: Fleet) -> Iterator[Callable[[ServerProcess], MonitorClient]]:
+    """``subscribe(server)``: a connected :class:`MonitorClient`, disconnected before
+    the servers stop."""
+    subscribers: list[MonitorClient] = []
 
-    def make(server: ServerProcess | str, *more: Any) -> Subscriber:
-        if isinstance(server, ServerProcess):
-            subscriber = Subscriber(server.url, repr(server), server.log)
-        else:
-            subscriber = Subscriber(server, *more)
+    def make(server: ServerProcess) -> MonitorClient:
+        subscriber = MonitorClient(repr(server), server.log)
         subscribers.append(subscriber)
-        return subscriber
+        return subscriber.connect(server.url, {"token": TOKEN})
 
     yield make
     connected = [s.client for s in subscribers if s.client.connected]
@@ -396,7 +167,7 @@ def assert_no_leaks(*servers: ServerProcess) -> None:
 def test_cluster_view_shows_every_worker_and_pushes_no_duplicates(
     async_mode: str,
     fleet: Fleet,
-    subscribe: Callable[..., Subscriber],
+    subscribe: Subscribe,
     connect_client: ClientFactory,
     max_connections: int,
 ) -> None:
@@ -437,19 +208,19 @@ def test_cluster_view_shows_every_worker_and_pushes_no_duplicates(
         assert payload["worker"] == worker_of(server), name
         assert payload["pools"]["default"]["capacity"] == 5, name
 
-    acked = sub_a.get_status({"scope": "cluster"})
+    acked = sub_a.call("get_status", {"scope": "cluster"})
     assert both(acked), acked
     assert write_count(acked["workers"][worker_of(b)]) == writes
     assert set(acked) >= {"timestamp", "status", "workers", "totals"}
     # B's own view is the same fleet
-    assert both(sub_b.get_status({"scope": "cluster"}))
+    assert both(sub_b.call("get_status", {"scope": "cluster"}))
     # the plain get_status is still this worker only
-    assert sub_a.get_status()["worker"] == worker_of(a)
-    assert sub_b.get_status({"scope": "local"})["worker"] == worker_of(b)
+    assert sub_a.call("get_status")["worker"] == worker_of(a)
+    assert sub_b.call("get_status", {"scope": "local"})["worker"] == worker_of(b)
 
     # cadence: six pool_status pushes on A, and the cluster_status pushes in between
     mark = sub_a.mark()
-    pools = sub_a.wait_count("pool_status", 6, 6 * INTERVAL + SLACK, since=mark)
+    pools = sub_a.wait_pushes(6, 6 * INTERVAL + SLACK, "pool_status", since=mark)
     span = pools[-1].at - pools[0].at
     clusters = [
         r for r in sub_a.since(mark, "cluster_status") if pools[0].at <= r.at <= pools[-1].at
@@ -536,9 +307,7 @@ def test_broadcast_through_one_worker_reaches_clients_of_the_other(
     assert_no_leaks(a, b)
 
 
-def test_killed_worker_leaves_the_cluster_view(
-    fleet: Fleet, subscribe: Callable[..., Subscriber]
-) -> None:
+def test_killed_worker_leaves_the_cluster_view(fleet: Fleet, subscribe: Subscribe) -> None:
     """Three workers, one per async mode; B is SIGKILLed (no cleanup at all): its key
     expires three intervals after its last write and A's view drops it."""
     a = fleet.start("threading")
@@ -571,8 +340,15 @@ def test_killed_worker_leaves_the_cluster_view(
     finally:
         client.close()
     # the survivors agree
-    assert has_workers(a, c)(subscribe(c).get_status({"scope": "cluster"}))
+    assert has_workers(a, c)(subscribe(c).call("get_status", {"scope": "cluster"}))
     assert_no_leaks(a, c)
+
+
+#: How a failure is made: "refuse", connections refused; "stall", a network partition.
+CUTS: dict[str, Callable[[TcpProxy], None]] = {
+    "refuse": TcpProxy.cut,
+    "stall": TcpProxy.partition,
+}
 
 
 @pytest.mark.parametrize(
@@ -589,7 +365,7 @@ def test_redis_outage_is_survived(
     failure: str,
     fleet: Fleet,
     redis_proxy: TcpProxy,
-    subscribe: Callable[..., Subscriber],
+    subscribe: Subscribe,
     connect_client: ClientFactory,
 ) -> None:
     """A reaches the cluster's Redis through a proxy that is cut (connections refused,
@@ -600,7 +376,7 @@ def test_redis_outage_is_survived(
     proxied = f"redis://127.0.0.1:{redis_proxy.port}/{fleet.db_index}"
     at_start = failure.endswith("-at-start")
     if at_start:
-        redis_proxy.cut("refuse")
+        redis_proxy.cut()
     a = fleet.start(async_mode, config={"DBCTX_CLUSTER_REDIS_URL": proxied})
     b = fleet.start("threading")
     sub_a, sub_b = subscribe(a), subscribe(b)
@@ -608,17 +384,17 @@ def test_redis_outage_is_survived(
     if not at_start:
         sub_a.wait("cluster_status", has_workers(a, b), SLACK, "A's view before the cut")
         assert REDIS_DOWN not in a.log()
-        redis_proxy.cut(failure)
+        CUTS[failure](redis_proxy)
 
     mark_a, mark_b = sub_a.mark(), sub_b.mark()
     wait_for(lambda: REDIS_DOWN in a.log(), SLACK, "the outage in A's log")
     # local monitoring goes on: A's own pool_status keeps coming
-    pools = sub_a.wait_count("pool_status", 3, 3 * INTERVAL + SLACK, since=mark_a)
+    pools = sub_a.wait_pushes(3, 3 * INTERVAL + SLACK, "pool_status", since=mark_a)
     assert {p.data["worker"] for p in pools} == {worker_of(a)}
-    assert sub_a.get_status()["worker"] == worker_of(a)
-    health = sub_a.client.call("health", namespace=MONITOR, timeout=30)
+    assert sub_a.call("get_status")["worker"] == worker_of(a)
+    health = sub_a.call("health")
     assert health["healthy"] is True, health
-    degraded = sub_a.get_status({"scope": "cluster"})
+    degraded = sub_a.call("get_status", {"scope": "cluster"})
     assert _workers(degraded) == {worker_of(a)}, degraded
     assert degraded["status"] == "unknown" and "redis" in degraded["error"].lower(), degraded
     assert degraded["totals"]["workers"] == 1
@@ -632,7 +408,7 @@ def test_redis_outage_is_survived(
     redis_proxy.restore()
     sub_a.wait("cluster_status", has_workers(a, b), SLACK, "A's view after the restore", mark_a)
     wait_for(lambda: REDIS_BACK in a.log(), SLACK, "the recovery in A's log")
-    assert has_workers(a, b)(sub_a.get_status({"scope": "cluster"}))
+    assert has_workers(a, b)(sub_a.call("get_status", {"scope": "cluster"}))
     sub_b.wait("cluster_status", has_workers(a, b), SLACK, "B's view to list A again", mark_b)
     assert a.log().count(REDIS_DOWN) == 1, "the outage was logged more than once"
     assert_no_leaks(a, b)
@@ -649,7 +425,7 @@ def test_redis_outage_is_survived(
 
 
 def test_fleet_capacity_above_max_connections_is_warned(
-    fleet: Fleet, subscribe: Callable[..., Subscriber], max_connections: int
+    fleet: Fleet, subscribe: Subscribe, max_connections: int
 ) -> None:
     """One worker with a pool just over half of max_connections is fine; a second one
     takes the fleet over it, and the log says so, once."""
@@ -669,7 +445,7 @@ def test_fleet_capacity_above_max_connections_is_warned(
     assert "WARNING" in line and f"= {2 * pool_size} connections" in line, line
     assert f"max_connections = {max_connections}" in line, line
     # logged once, however many rounds follow
-    sub_a.wait_count("cluster_status", 3, 3 * INTERVAL + SLACK, since=sub_a.mark())
+    sub_a.wait_pushes(3, 3 * INTERVAL + SLACK, "cluster_status", since=sub_a.mark())
     assert a.log().count(CAPACITY_WARNING) == 1
 
 
@@ -678,7 +454,7 @@ def test_fleet_capacity_above_max_connections_is_warned(
 
 def test_get_status_rejects_bad_scopes(
     fleet: Fleet,
-    subscribe: Callable[..., Subscriber],
+    subscribe: Subscribe,
     server_factory: ServerFactory,
 ) -> None:
     """``get_status`` takes nothing, ``{"scope": "local"}`` or ``{"scope": "cluster"}``;
@@ -697,22 +473,22 @@ def test_get_status_rejects_bad_scopes(
     ]
     wrong = {}
     for data in bad:
-        ack = sub.get_status(data)
+        ack = sub.call("get_status", data)
         if not (isinstance(ack, dict) and ack.get("error") == "invalid_request"):
             wrong[repr(data)] = sorted(ack) if isinstance(ack, dict) else ack
         elif not (ack["retryable"] is False and ack["message"]):
             wrong[repr(data)] = ack
     # the good ones, for contrast
-    assert "error" not in sub.get_status({"scope": "local"})
-    assert has_workers(clustered)(sub.get_status({"scope": "cluster"}))
+    assert "error" not in sub.call("get_status", {"scope": "local"})
+    assert has_workers(clustered)(sub.call("get_status", {"scope": "cluster"}))
 
     alone = server_factory(
         "threading", config={"DBCTX_MONITOR_AUTH": TOKEN, "DBCTX_MONITOR_INTERVAL": INTERVAL}
     )
     lone = subscribe(alone)
-    ack = lone.get_status({"scope": "cluster"})
+    ack = lone.call("get_status", {"scope": "cluster"})
     assert ack["error"] == "invalid_request" and "redis" in ack["message"].lower(), ack
-    lone.wait_count("pool_status", 3, 3 * INTERVAL + SLACK, since=0)
+    lone.wait_pushes(3, 3 * INTERVAL + SLACK, "pool_status", since=0)
     assert not lone.since(0, "cluster_status"), "cluster_status without a cluster view"
     assert_no_leaks(clustered, alone)
     assert not wrong, f"accepted instead of invalid_request: {wrong}"
@@ -736,236 +512,3 @@ def test_invalid_cluster_redis_url_is_rejected_at_init_app(url: str, tmp_path: A
     assert not socketio_server.namespace_handlers
     with app.app_context():
         db.engine.dispose()
-
-
-# -- the sample app's launcher: python -m sample_app.workers ------------------------------
-
-WORKER_LINE = re.compile(r"^worker (\d+): (http://\S+/) \(pid (\d+)\)$", re.MULTILINE)
-LAUNCH_TIMEOUT = 90.0
-
-
-def free_ports(count: int) -> int:
-    """A base port P with P..P+count-1 all free right now."""
-    for _ in range(50):
-        base = free_port()
-        if base + count - 1 > 65535:
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    pytest.fail(f"found no {count} consecutive free ports")
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-@dataclass
-class Launched:
-    proc: subprocess.Popen[bytes]
-    out_path: Path
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def workers(self) -> dict[int, tuple[str, int]]:
-        """``{index: (url, pid)}`` of the workers started so far."""
-        return {int(i): (url, int(pid)) for i, url, pid in WORKER_LINE.findall(self.output())}
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
-    """``launch(*args)``: ``python -m sample_app.workers *args`` in the background;
-    at teardown the launcher and every worker it reported are killed."""
-    launched: list[Launched] = []
-
-    def start(*args: str) -> Launched:
-        out_path = tmp_path / f"launcher-{len(launched)}.log"
-        with out_path.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "sample_app.workers", *args],
-                cwd=REPO_ROOT,
-                env={**os.environ, "DBCTX_MONITOR_AUTH": TOKEN, "PYTHONUNBUFFERED": "1"},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        launched.append(Launched(proc, out_path))
-        return launched[-1]
-
-    yield start
-    for item in launched:
-        pids = [pid for _, pid in item.workers().values()]
-        if item.proc.poll() is None:
-            item.proc.kill()
-            item.proc.wait(10)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def test_sample_app_workers_launcher_runs_a_fleet_and_forwards_ctrl_c(
-    launch: Callable[..., Launched],
-    cluster_redis: str,
-    postgres_url: str,
-    pg_schema: str,
-    subscribe: Callable[..., Subscriber],
-) -> None:
-    """Two sample-app workers on one database and one queue: an order placed on worker
-    0 reaches a client of worker 1, the monitor of worker 1 lists both workers, and a
-    SIGINT to the launcher (Ctrl-C) stops everything with status 0."""
-    base = free_ports(2)
-    launched = launch(
-        "--workers",
-        "2",
-        "--base-port",
-        str(base),
-        "--database-url",
-        schema_url(postgres_url, pg_schema),
-        "--message-queue",
-        cluster_redis,
-    )
-
-    def ready() -> bool:
-        if launched.proc.poll() is not None:
-            pytest.fail(f"the launcher exited ({launched.proc.returncode}):\n{launched.output()}")
-        return "all 2 workers ready" in launched.output()
-
-    wait_for(ready, LAUNCH_TIMEOUT, "the launcher to report 2 workers ready")
-    workers = launched.workers()
-    assert sorted(workers) == [0, 1]
-    assert [url for url, _ in (workers[0], workers[1])] == [
-        f"http://127.0.0.1:{base}/",
-        f"http://127.0.0.1:{base + 1}/",
-    ]
-    assert f"dashboard: http://127.0.0.1:{base}/?token={TOKEN}" in launched.output()
-    ids = {f"{socket.gethostname()}:{pid}" for _, pid in workers.values()}
-
-    monitor = subscribe(workers[1][0], "sample worker 1", launched.output)
-    monitor.wait(
-        "cluster_status",
-        lambda d: _workers(d) == ids and "error" not in d,
-        SLACK,
-        "worker 1's view to list both sample workers",
-    )
-    clients = []
-    heard: list[dict[str, Any]] = []
-    for url, _ in workers.values():
-        client = socketio.Client(reconnection=False)
-        client.on("order_placed", heard.append, namespace="/trading")
-        client.connect(url, namespaces=["/trading"], transports=["websocket"], wait_timeout=10)
-        clients.append(client)
-    try:
-        order = {"symbol": "CLUSTER", "side": "buy", "qty": 2, "price": 101.5}
-        ack = clients[0].call("place_order", order, namespace="/trading", timeout=15)
-        assert ack.get("ok") is True, ack
-        wait_for(
-            lambda: any(o.get("id") == ack["order"]["id"] for o in heard),
-            SLACK,
-            "worker 0's order_placed on worker 1",
-        )
-    finally:
-        for client in clients:
-            client.disconnect()
-
-    launched.proc.send_signal(signal.SIGINT)
-    assert launched.proc.wait(45) == 0, launched.output()
-    assert "stopped 2 worker(s)" in launched.output()
-    for _, pid in workers.values():
-        assert pid_gone(pid), f"worker pid {pid} still runs after Ctrl-C"
-
-
-def test_sample_app_workers_launcher_stops_all_when_one_fails(
-    launch: Callable[..., Launched], cluster_redis: str, tmp_path: Path
-) -> None:
-    """Worker 1's port is taken: the launcher says so, stops worker 0 and exits 1."""
-    base = free_ports(2)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", base + 1))
-        taken.listen(1)
-        launched = launch(
-            "--workers",
-            "2",
-            "--base-port",
-            str(base),
-            "--async-mode",
-            "threading",
-            "--database-url",
-            f"sqlite:///{tmp_path}/fleet.db",
-            "--message-queue",
-            cluster_redis,
-        )
-        code = launched.proc.wait(LAUNCH_TIMEOUT)
-    output = launched.output()
-    assert code == 1, output
-    assert re.search(r"worker 1 \(\S+\) exited with code [1-9]", output), output
-    assert "stopped 2 worker(s)" in output
-    assert "workers ready" not in output
-    workers = launched.workers()
-    assert sorted(workers) == [0, 1], output
-    for _, pid in workers.values():
-        assert pid_gone(pid), f"worker pid {pid} still runs"
-
-
-def test_sample_app_workers_launcher_needs_a_reachable_queue(
-    launch: Callable[..., Launched],
-) -> None:
-    closed = free_port()
-    launched = launch("--message-queue", f"redis://127.0.0.1:{closed}/0")
-    assert launched.proc.wait(30) == 2
-    output = launched.output()
-    assert f"cannot reach the message queue at 127.0.0.1:{closed}" in output, output
-    assert not launched.workers(), "workers were started"
-
-
-@pytest.mark.parametrize(
-    ("argv", "complaint"),
-    [
-        (["--workers", "0"], "--workers"),
-        (["--workers", "-2"], "--workers"),
-        (["--workers", "65"], "--workers"),
-        (["--workers", "two"], "--workers"),
-        (["--base-port", "0"], "--base-port"),
-        (["--base-port", "-1"], "--base-port"),
-        (["--base-port", "65535", "--workers", "2"], "--base-port"),
-        (["--base-port", "http"], "--base-port"),
-        (["--message-queue", "not a url"], "--message-queue"),
-        (["--message-queue", ""], "--message-queue"),
-        (["--async-mode", "asyncio"], "--async-mode"),
-        (["--bogus"], "--bogus"),
-    ],
-)
-def test_sample_app_workers_launcher_rejects_bad_arguments(
-    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from sample_app.workers import parse_args
-
-    with pytest.raises(SystemExit) as info:
-        parse_args(argv, environ={})
-    assert info.value.code == 2
-    assert complaint in capsys.readouterr().err
-
-
-def test_sample_app_workers_launcher_defaults() -> None:
-    from sample_app.workers import DEFAULT_MESSAGE_QUEUE, parse_args
-
-    args = parse_args([], environ={})
-    assert (args.workers, args.base_port, args.host) == (2, 5000, "127.0.0.1")
-    assert (args.database_url, args.message_queue, args.async_mode) == (
-        None,
-        DEFAULT_MESSAGE_QUEUE,
-        None,
-    )
-    env = {"DATABASE_URL": "postgresql://db/x", "SOCKETIO_MESSAGE_QUEUE": "redis://q:6380/2"}
-    args = parse_args(["--workers", "3", "--base-port", "65533"], environ=env)
-    assert (args.workers, args.base_port) == (3, 65533)
-    assert (args.database_url, args.message_queue) == (env["DATABASE_URL"], "redis://q:6380/2")

@@ -25,17 +25,15 @@ from conftest import POOL_KEYS, ServerProcess, wait_for
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
+from monitor_client import MONITOR, POOL_STATUS, RATE, MonitorClient, is_busy
 
 from socketio_dbctx import DBContext, MonitorNamespace
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres]
 
-MON = "/monitor"
 TOKEN = "tok-5e3c7a91d2"
 EXTRA = ["tests.servers.monitoring"]
 INTERVAL = 0.3
-#: MonitorNamespace.rate: get_status/health calls per second and client.
-RATE = 5.0
 # Must match tests/servers/monitoring.py (not imported here: the server side may patch).
 CALLABLE_TOKEN = "cb-ok"
 
@@ -64,56 +62,9 @@ def log_records(server: ServerProcess, needle: str) -> list[str]:
     return [log[a:b] for a, b in zip(starts, starts[1:]) if needle in log[a:b]]
 
 
-def is_busy(ack: Any) -> bool:
-    return isinstance(ack, dict) and ack.get("error") == "busy"
-
-
 def monitor_state(server: ServerProcess) -> dict[str, Any]:
     state: dict[str, Any] = json.loads(server.get("/_mon/monitor"))
     return state
-
-
-class Subscriber:
-    """A real python-socketio client of ``/monitor`` that records every push."""
-
-    def __init__(self) -> None:
-        self.client = socketio.Client(reconnection=False)
-        self._lock = threading.Lock()
-        self._pushes: list[tuple[float, dict[str, Any]]] = []
-        self.client.on("pool_status", self._on_push, namespace=MON)
-
-    def _on_push(self, payload: dict[str, Any]) -> None:
-        with self._lock:
-            self._pushes.append((time.monotonic(), payload))
-
-    def pushes(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [payload for _, payload in self._pushes]
-
-    def timed_pushes(self) -> list[tuple[float, dict[str, Any]]]:
-        with self._lock:
-            return list(self._pushes)
-
-    def wait_pushes(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        wait_for(lambda: len(self.pushes()) >= count, timeout, f"{count} pool_status pushes")
-        return self.pushes()
-
-    def call(self, event: str, *args: Any, timeout: float = 10.0) -> Any:
-        """Call ``event``; a ``busy`` ack (the monitor's rate limit) is retried after
-        the bucket's refill time, for up to ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ack = self.client.call(event, *args, namespace=MON, timeout=timeout)
-            if not is_busy(ack) or time.monotonic() > deadline:
-                return ack
-            time.sleep(1.0 / RATE)
-
-    def call_once(self, event: str, *args: Any, timeout: float = 10.0) -> Any:
-        return self.client.call(event, *args, namespace=MON, timeout=timeout)
-
-    @property
-    def sid(self) -> str:
-        return str(self.client.get_sid(MON))
 
 
 class Net:
@@ -123,34 +74,26 @@ class Net:
         self.clients: list[socketio.Client] = []
         self.servers: list[ServerProcess] = []
 
-    def _connect(
-        self, client: socketio.Client, server: ServerProcess, namespace: str, auth: Any
-    ) -> None:
+    def _track(self, client: socketio.Client, server: ServerProcess) -> None:
         self.clients.append(client)
         if server not in self.servers:
             self.servers.append(server)
-        client.connect(
-            server.url,
-            namespaces=[namespace],
-            transports=["websocket"],
-            auth=auth,
-            wait_timeout=10,
-        )
 
     def subscribe(
         self, server: ServerProcess, auth: Any = None, *, expect_refusal: bool = False
-    ) -> Subscriber:
-        """A :class:`Subscriber` of ``/monitor``; with ``expect_refusal=True`` its
+    ) -> MonitorClient:
+        """A :class:`MonitorClient` of ``server``; with ``expect_refusal=True`` its
         connect must fail (it is returned so the test can see nothing reached it)."""
-        subscriber = Subscriber()
+        subscriber = MonitorClient(repr(server), server.log)
+        self._track(subscriber.client, server)
         if expect_refusal:
             with pytest.raises(socketio.exceptions.ConnectionError):
-                self._connect(subscriber.client, server, MON, auth)
+                subscriber.connect(server.url, auth)
         else:
-            self._connect(subscriber.client, server, MON, auth)
+            subscriber.connect(server.url, auth)
         return subscriber
 
-    def refusals(self, server: ServerProcess, auths: list[Any]) -> list[Subscriber]:
+    def refusals(self, server: ServerProcess, auths: list[Any]) -> list[MonitorClient]:
         """Try every ``auth`` at once; each connect must be refused."""
         with ThreadPoolExecutor(len(auths)) as pool:
             futures = [
@@ -163,7 +106,10 @@ class Net:
     ) -> socketio.Client:
         """A connected client of ``namespace`` (``client``: one with handlers set up)."""
         client = client or socketio.Client(reconnection=False)
-        self._connect(client, server, namespace, None)
+        self._track(client, server)
+        client.connect(
+            server.url, namespaces=[namespace], transports=["websocket"], wait_timeout=10
+        )
         return client
 
     def disconnect(self, *clients: socketio.Client) -> None:
@@ -302,7 +248,7 @@ def test_monitor_refuses_bad_auth_and_sends_nothing(
 
     # the right token gets in, and its first pool_status comes at once
     good = net.subscribe(server, {"token": TOKEN})
-    check_payload(good.wait_pushes(1)[0], server)
+    check_payload(good.wait_pushes(1)[0].data, server)
     assert monitor_state(server)["subscribers"] == 1
 
 
@@ -326,7 +272,7 @@ def test_monitor_auth_callable(async_mode: str, server_factory: ServerFactory, n
     assert monitor_state(server)["subscribers"] == 0
 
     good = net.subscribe(server, {"token": CALLABLE_TOKEN, "user": "ops"})
-    check_payload(good.wait_pushes(1)[0], server)
+    check_payload(good.wait_pushes(1)[0].data, server)
 
     calls = json.loads(server.get("/_mon/auth_calls"))["calls"]
     expected = [
@@ -355,7 +301,7 @@ def test_monitor_open_to_anyone_warns_at_start(
 
     for auth in (None, {"token": "anything"}):
         subscriber = net.subscribe(server, auth)
-        check_payload(subscriber.wait_pushes(1)[0], server)
+        check_payload(subscriber.wait_pushes(1)[0].data, server)
 
 
 def test_monitor_unset_is_not_registered(
@@ -392,11 +338,11 @@ def test_push_cadence_and_no_work_without_subscribers(
     window_start = time.monotonic()
     time.sleep(3.0)  # a measured window: how many pushes does it hold?
     window = time.monotonic() - window_start
-    pushes = first.timed_pushes()
-    in_window = [t for t, _ in pushes[1:] if t >= window_start]
+    pushes = first.since(0, POOL_STATUS)
+    in_window = [push for push in pushes[1:] if push.at >= window_start]
     assert len(in_window) >= 3, f"{len(in_window)} pushes in {window:.1f}s, every {INTERVAL}s"
-    for _, payload in pushes:
-        check_payload(payload, server)
+    for push in pushes:
+        check_payload(push.data, server)
     # one loop: the server stamps its payloads at least one interval apart (so no
     # more than window / interval + 1 of them fit in any window)
     assert min_gap(first.pushes()) >= INTERVAL * 0.9
@@ -455,7 +401,8 @@ def test_payload_get_status_and_health(
         assert isinstance(writer.call("write", f"row-{n}", namespace="/t", timeout=10)["id"], int)
 
     subscriber = net.subscribe(server, {"token": TOKEN})
-    pushed = subscriber.wait_pushes(1, timeout=5)
+    subscriber.wait_pushes(1, timeout=5)
+    pushed = subscriber.pushes()
     assert len(pushed) == 1
     check_payload(pushed[0], server)
     pool = pushed[0]["pools"]["default"]
@@ -600,7 +547,7 @@ def test_leak_reported_then_cleared(
     server.wait_checked_out(0)
 
 
-def burst_calls(subscriber: Subscriber, event: str, count: int) -> tuple[list[Any], float]:
+def burst_calls(subscriber: MonitorClient, event: str, count: int) -> tuple[list[Any], float]:
     """Emit ``count`` calls of ``event`` at once; return the acks and the seconds taken."""
     acks: list[Any] = []
     lock = threading.Lock()
@@ -614,7 +561,7 @@ def burst_calls(subscriber: Subscriber, event: str, count: int) -> tuple[list[An
 
     started = time.monotonic()
     for _ in range(count):
-        subscriber.client.emit(event, namespace=MON, callback=callback)
+        subscriber.client.emit(event, namespace=MONITOR, callback=callback)
     assert done.wait(30), f"{count - len(acks)} of {count} {event} calls got no ack"
     return acks, time.monotonic() - started
 
@@ -737,15 +684,15 @@ def test_health_of_an_unreachable_database_names_no_credentials() -> None:
     db.init_app(app)
     sio = SocketIO(app, async_mode="threading")
     DBContext(app, sio, db)
-    client = sio.test_client(app, namespace=MON, auth={"token": TOKEN})
+    client = sio.test_client(app, namespace=MONITOR, auth={"token": TOKEN})
     try:
-        assert client.is_connected(MON)
-        pushed = [m["args"][0] for m in client.get_received(MON) if m["name"] == "pool_status"]
+        assert client.is_connected(MONITOR)
+        pushed = [m["args"][0] for m in client.get_received(MONITOR) if m["name"] == "pool_status"]
         assert len(pushed) == 1
-        health = client.emit("health", namespace=MON, callback=True)
-        status = client.emit("get_status", namespace=MON, callback=True)
+        health = client.emit("health", namespace=MONITOR, callback=True)
+        status = client.emit("get_status", namespace=MONITOR, callback=True)
     finally:
-        client.disconnect(namespace=MON)
+        client.disconnect(namespace=MONITOR)
         with app.app_context():
             db.engine.dispose()
 
@@ -791,14 +738,14 @@ def test_admin_ui_works_beside_the_monitor(
     sid = subscriber.sid
     wait_for(
         lambda: any(
-            args[0]["nsp"] == MON and args[0]["id"] == sid for args in got("socket_connected")
+            args[0]["nsp"] == MONITOR and args[0]["id"] == sid for args in got("socket_connected")
         ),
         10,
         "the Admin UI to see the /monitor subscriber connect",
     )
     wait_for(
         lambda: any(
-            args[0] == MON and args[1] == sid and args[2][0] == "pool_status"
+            args[0] == MONITOR and args[1] == sid and args[2][0] == "pool_status"
             for args in got("event_sent")
         ),
         10,

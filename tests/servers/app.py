@@ -1,11 +1,16 @@
-"""A small real Socket.IO test server, run in its own process by the tests.
+"""A small real Socket.IO server, run in its own process by the tests and benchmarks.
 
     python -m tests.servers.app --async-mode {threading,eventlet,gevent} --port P \
-        --database-url URL [--plain] [--pool-size N --max-overflow N --pool-timeout S]
+        --database-url URL [--plain | --bare] \
+        [--pool-size N --max-overflow N --pool-timeout S] [--set KEY=JSON ...] \
+        [--extra MODULE ...] [--message-queue URL] [--log-level LEVEL]
 
 Namespace ``/t`` is a ``DBContextNamespace`` subclass, or with ``--plain`` a plain
 ``flask_socketio.Namespace`` subclass with the very same handler bodies (a shared
-mixin), as a control. HTTP routes: ``/_ready``, ``/_stats`` and ``/_start_loop``.
+mixin), as a control. ``--bare`` goes further: no socketio_dbctx at all (plain
+namespaces, no ``DBContext``, none of its pool listeners), the control the benchmarks
+measure against; ``--extra`` modules then get ``dbctx=None`` and ``args.plain`` set.
+HTTP routes: ``/_ready``, ``/_stats`` and ``/_start_loop``.
 
 The async mode's monkey patching happens before anything else is imported.
 """
@@ -69,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url", required=True)
-    parser.add_argument("--plain", action="store_true", help="plain flask_socketio.Namespace")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--plain", action="store_true", help="plain flask_socketio.Namespace")
+    kind.add_argument(
+        "--bare", action="store_true", help="no socketio_dbctx at all (implies --plain)"
+    )
     parser.add_argument("--pool-size", type=int, default=5)
     parser.add_argument("--max-overflow", type=int, default=0)
     parser.add_argument("--pool-timeout", type=float, default=30.0)
@@ -88,7 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a module whose setup(app, socketio, db, dbctx, args) adds handlers (repeatable)",
     )
     parser.add_argument("--message-queue", default=None)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    args = parser.parse_args(argv)
+    args.plain = args.plain or args.bare
+    return args
 
 
 def _config_values(pairs: list[str]) -> dict[str, Any]:
@@ -99,7 +113,9 @@ def _config_values(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
-def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, DBContext]:
+def create_app(
+    args: argparse.Namespace,
+) -> tuple[Flask, SocketIO, SQLAlchemy, DBContext | None]:
     app = Flask(__name__)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=args.database_url,
@@ -119,7 +135,7 @@ def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, D
         engineio_logger=False,
         message_queue=args.message_queue,
     )
-    dbctx = DBContext(app, socketio, db)
+    dbctx = None if args.bare else DBContext(app, socketio, db)
 
     class Item(db.Model):  # type: ignore[name-defined,misc]
         __tablename__ = "items"
@@ -193,11 +209,12 @@ def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, D
     @app.route("/_stats")
     def stats() -> Any:
         return jsonify(
-            pool=dbctx.pool_status(),
+            pool=dbctx.pool_status() if dbctx is not None else None,
             checked_out=db.engine.pool.checkedout(),  # type: ignore[attr-defined]
             loop_mode=loop_state["mode"],
             loop_runs=loop_state["runs"],
             plain=args.plain,
+            bare=args.bare,
             async_mode=socketio.async_mode,
         )
 
@@ -208,6 +225,8 @@ def create_app(args: argparse.Namespace) -> tuple[Flask, SocketIO, SQLAlchemy, D
             return jsonify(error="mode must be naive or periodic"), 400
         if loop_state["mode"] is not None:
             return jsonify(error=f"a {loop_state['mode']} loop is already running"), 409
+        if mode == "periodic" and dbctx is None:
+            return jsonify(error="a periodic loop needs socketio_dbctx (not --bare)"), 400
         loop_state["mode"] = mode
         if mode == "naive":
             socketio.start_background_task(naive_loop)
@@ -230,16 +249,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--async-mode parsed as {args.async_mode!r}, patched {_ASYNC_MODE!r}")
     logging.basicConfig(
         stream=sys.stderr,
-        level=logging.INFO,
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app, socketio, _db, _dbctx = create_app(args)
     logger.info(
-        "test server: async_mode=%s port=%s plain=%s pool=%s/%s timeout=%s",
+        "test server: async_mode=%s port=%s plain=%s bare=%s pool=%s/%s timeout=%s",
         socketio.async_mode,
         args.port,
         args.plain,
+        args.bare,
         args.pool_size,
         args.max_overflow,
         args.pool_timeout,
