@@ -15,7 +15,6 @@ this lives in :mod:`socketio_dbctx.middleware`.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from typing import Any, Callable
 
@@ -75,11 +74,9 @@ class ProcessLimit:
         self._waiters.append(waiter)
 
     def withdraw(self, waiter: _Waiter) -> None:
-        """Take a waiter that gave up out of the queue (with :attr:`lock` held)."""
-        try:
-            self._waiters.remove(waiter)
-        except ValueError:
-            pass
+        """Take a waiter that gave up, and was not admitted, out of the queue (with
+        :attr:`lock` held)."""
+        self._waiters.remove(waiter)
 
     def settle(self) -> None:
         """Admit waiters, oldest first, while slots allow (with :attr:`lock` held)."""
