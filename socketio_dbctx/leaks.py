@@ -139,21 +139,19 @@ class PoolTracker:
         calls ``self._pool.get(block, timeout)`` on its queue, blocking only once
         ``pool_size + max_overflow`` connections are out; that one ``get`` of the
         pool's own queue object is wrapped, so each waiter counts once however
-        ``_do_get`` recurses. ``engine.dispose()`` makes a new pool with a new queue:
-        the ``engine_disposed`` event wraps it before any checkout can reach it (the
-        ``connect`` event backs that up for a pool replaced some other way). The
-        private names are pinned by ``tests/test_leaks.py`` on every SQLAlchemy line
-        CI installs (2.0 and 2.1).
+        ``_do_get`` recurses. ``engine.dispose()`` replaces the pool with
+        ``pool.recreate()``, which is wrapped on each pool too, so the new pool's queue
+        is wrapped before any checkout can reach it (an engine event would do, but any
+        ``ConnectionEvents`` listener puts every statement of the engine on SQLAlchemy's
+        slower, event-dispatching path). The ``connect`` event backs that up for a pool
+        replaced some other way. The private names are pinned by
+        ``tests/test_leaks.py`` on every SQLAlchemy line CI installs (2.0 and 2.1).
         """
         with self._lock:
             if engine in self._waits:
                 return
             self._waits.add(engine)
         self._wrap_queue(engine.pool)
-
-        def on_disposed(disposed: Engine) -> None:
-            self._wrap_queue(disposed.pool)
-
         ref = weakref.ref(engine)
 
         def on_connect(dbapi_conn: Any, rec: Any) -> None:
@@ -161,13 +159,20 @@ class PoolTracker:
             if bound is not None:
                 self._wrap_queue(bound.pool)
 
-        event.listen(engine, "engine_disposed", on_disposed)
         event.listen(engine, "connect", on_connect)
 
     def _wrap_queue(self, pool: Any) -> None:
         queue = getattr(pool, "_pool", None) if isinstance(pool, QueuePool) else None
         if queue is None or getattr(queue, "_dbctx_waits", False):
             return
+        recreate = pool.recreate
+
+        def wrapped_recreate() -> Any:
+            new = recreate()
+            self._wrap_queue(new)
+            return new
+
+        pool.recreate = wrapped_recreate
         get, tracker = queue.get, self
 
         def counted_get(block: bool = True, timeout: float | None = None) -> Any:
