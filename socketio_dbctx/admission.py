@@ -57,13 +57,13 @@ class ProcessLimit:
         self.limit = limit or None
         self.make_event = event_factory(async_mode)
         self.running = 0
-        self._waiters: deque[_Waiter] = deque()
+        self.waiters: deque[_Waiter] = deque()  # first come, first served
         self.lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
         """Events waiting for admission right now."""
-        return len(self._waiters)
+        return len(self.waiters)
 
     def has_room(self) -> bool:
         """Whether one more event may run (call with :attr:`lock` held)."""
@@ -71,22 +71,22 @@ class ProcessLimit:
 
     def queue(self, waiter: _Waiter) -> None:
         """Add ``waiter`` at the back (with :attr:`lock` held)."""
-        self._waiters.append(waiter)
+        self.waiters.append(waiter)
 
     def withdraw(self, waiter: _Waiter) -> None:
         """Take a waiter that gave up, and was not admitted, out of the queue (with
         :attr:`lock` held)."""
-        self._waiters.remove(waiter)
+        self.waiters.remove(waiter)
 
     def settle(self) -> None:
         """Admit waiters, oldest first, while slots allow (with :attr:`lock` held)."""
-        if not self._waiters:
+        if not self.waiters:
             return
-        for waiter in list(self._waiters):
+        for waiter in list(self.waiters):
             if not self.has_room():
                 return
             if waiter.admission.client_has_room(waiter.sid):
-                self._waiters.remove(waiter)
+                self.waiters.remove(waiter)
                 waiter.admission.take(waiter.sid)
                 waiter.admitted = True
                 waiter.event.set()
@@ -131,15 +131,12 @@ class Admission:
                     self._clients[sid] = left
                 else:
                     del self._clients[sid]  # per-sid state lives only while it runs events
-            process.settle()
+            if process.waiters:
+                process.settle()
 
-    def _enter(self, sid: str | None) -> None:
+    def _wait(self, sid: str | None) -> None:
         process = self.process
         with process.lock:
-            # nobody may overtake a waiter that was here first
-            if not process.waiting and process.has_room() and self.client_has_room(sid):
-                self.take(sid)
-                return
             waiter = _Waiter(self, sid, process.make_event())
             process.queue(waiter)
             process.settle()
@@ -153,12 +150,22 @@ class Admission:
         what = "a slot of this client" if process.has_room() else "a database slot"
         raise BusyError(f"waited {self.timeout}s for {what}")
 
-    def run(self, sid: str | None, call: Callable[[], Any]) -> Any:
-        """Run ``call`` once admitted; raise :class:`BusyError` after the timeout."""
-        if self.unlimited:
-            return call()
-        self._enter(sid)
+    def run(self, sid: str | None, call: Callable[..., Any], *args: Any) -> Any:
+        """Run ``call(*args)`` once admitted; raise :class:`BusyError` after the timeout."""
+        process = self.process
+        per_client = self.per_client
+        # the fast path, inlined: it runs for every event
+        with process.lock:
+            admitted = (
+                not process.waiters  # nobody may overtake a waiter that was here first
+                and (process.limit is None or process.running < process.limit)
+                and (not per_client or sid is None or self._clients.get(sid, 0) < per_client)
+            )
+            if admitted:
+                self.take(sid)
+        if not admitted:
+            self._wait(sid)
         try:
-            return call()
+            return call(*args)
         finally:
             self._give_back(sid)

@@ -99,7 +99,7 @@ def admission(limits: Admission) -> Wrap:
         def step(event: Event) -> Any:
             start = time.perf_counter()
             try:
-                return limits.run(event.sid, lambda: rest(event))
+                return limits.run(event.sid, rest, event)
             except BusyError:
                 if event.phase == "admission":
                     stats = event.state.metrics
