@@ -39,7 +39,7 @@ class Trading(DBContextNamespace):
 
     def on_place_order(self, data: Any) -> dict[str, Any]:
         fields = validation.order_request(data)
-        match = book.place(self.session, **fields)
+        match = book.place(self.db_session, **fields)
         order = match.order.to_dict()
         trades = [trade.to_dict() for trade in match.trades]
         touched = [resting.to_dict() for resting in match.touched]
@@ -51,7 +51,7 @@ class Trading(DBContextNamespace):
             for resting in touched:
                 self.emit("order_updated", resting)
 
-        outbox.after_commit(self.session, broadcast)
+        outbox.after_commit(self.db_session, broadcast)
         return {"ok": True, "order": order}
 
     def on_list_orders(self, data: Any = None) -> dict[str, Any]:
@@ -59,21 +59,21 @@ class Trading(DBContextNamespace):
         query = db.select(Order).order_by(Order.created_at.desc(), Order.id.desc()).limit(limit)
         if symbol is not None:
             query = query.where(Order.symbol == symbol)
-        return {"orders": [o.to_dict() for o in self.session.scalars(query)]}
+        return {"orders": [o.to_dict() for o in self.db_session.scalars(query)]}
 
     def on_list_trades(self, data: Any = None) -> dict[str, Any]:
         symbol, limit = validation.list_request(data, "list_trades")
         query = db.select(Trade).order_by(Trade.created_at.desc(), Trade.id.desc()).limit(limit)
         if symbol is not None:
             query = query.where(Trade.symbol == symbol)
-        return {"trades": [t.to_dict() for t in self.session.scalars(query)]}
+        return {"trades": [t.to_dict() for t in self.db_session.scalars(query)]}
 
     def on_cancel_order(self, order_id: Any) -> dict[str, Any]:
-        order = book.cancel(self.session, validation.order_id(order_id))
+        order = book.cancel(self.db_session, validation.order_id(order_id))
         if order is None:
             raise InvalidRequestError("no open order with that id")
         payload = order.to_dict()
-        outbox.after_commit(self.session, lambda: self.emit("order_updated", payload))
+        outbox.after_commit(self.db_session, lambda: self.emit("order_updated", payload))
         return {"ok": True}
 
 

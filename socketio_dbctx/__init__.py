@@ -17,8 +17,8 @@ The modules form layers; each imports only from its own layer or those below it
 
     facade      extension  helper  prometheus
                     |         (the Flask extension, the asyncio helper, metrics export)
-    dispatch    namespace  monitor  dispatch
-                    |         (Socket.IO namespaces; per-namespace runtimes)
+    dispatch    namespace  monitor  hooks  dispatch
+                    |         (namespaces, function handlers; runtimes and the event run)
     pipeline    middleware  pipeline
                     |         (the Event, the chain built once, the built-in steps)
     state       state

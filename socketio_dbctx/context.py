@@ -105,7 +105,7 @@ def require_session() -> Session:
     scope = _current.get()
     if scope is None:
         raise ContextSetupError(
-            "no socketio_dbctx scope is active: use self.session inside an event handler "
+            "no socketio_dbctx scope is active: use self.db_session inside an event handler "
             "of a DBContextNamespace, or open one with dbctx.session_scope()"
         )
     return scope.session

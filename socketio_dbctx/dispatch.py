@@ -1,27 +1,34 @@
-"""Runtimes: one namespace's settings and chains in one app, built once.
+"""Dispatch: one namespace's runtime in one app, built once, and the run of an event.
 
-A namespace (class or, later, a group of function handlers) asks its
-:class:`RuntimeCache` for the runtime of the app an event runs in; the first event
-builds it: the settings with the namespace's overrides, its admission, and the two
-chains (events, and connect/disconnect without admission).
+A namespace (a :class:`~socketio_dbctx.DBContextNamespace`, or the function handlers
+of one namespace) asks its :class:`RuntimeCache` for the runtime of the app an event
+runs in; the first event builds it: the settings with the namespace's overrides, its
+admission, and the two chains (events, and connect/disconnect without admission).
+:func:`run_event` is what every piped handler runs inside Flask-SocketIO's request
+context; :func:`find_error_handler` picks the error handler Flask-SocketIO would.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-from flask import Flask
+from flask import Flask, current_app
+from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
 from . import middleware
 from .admission import Admission
 from .config import Settings
-from .pipeline import Middleware, Step, Wrap, adapt, build_chain
+from .errors import ContextSetupError
+from .pipeline import Event, HandlerSpec, Middleware, Step, Wrap, adapt, build_chain
 from .state import AppState, app_state
 
-__all__ = ["LIFECYCLE", "Runtime", "RuntimeCache"]
+__all__ = ["LIFECYCLE", "Runtime", "RuntimeCache", "find_error_handler", "run_event", "spec_of"]
+
+logger = logging.getLogger(__name__)
 
 #: Events that skip admission: a full pool must not stop clients connecting or leaving.
 LIFECYCLE = frozenset({"connect", "disconnect"})
@@ -38,7 +45,7 @@ class Runtime:
         settings: Settings,
         admission: Admission,
         extra: Sequence[Middleware],
-        on_error: Callable[[Exception], Any] | None,
+        find_error: middleware.ErrorHandlerFinder,
     ) -> None:
         self.state = state
         self.settings = settings
@@ -49,7 +56,7 @@ class Runtime:
             middleware.transaction,
             *(adapt(mw) for mw in extra),
         )
-        errors = middleware.errors(on_error)
+        errors = middleware.errors(find_error)
         self.chain: Step = build_chain((errors, middleware.admission(admission), *inner))
         self.lifecycle_chain: Step = build_chain((errors, *inner))
 
@@ -63,7 +70,6 @@ class RuntimeCache:
 
     :param overrides: the namespace's setting overrides (``None``: the app's value).
     :param extra: user middleware, innermost.
-    :param on_error: the namespace's own error handler, if any.
     """
 
     # First events of many clients at once must not build two runtimes (two admissions).
@@ -71,13 +77,11 @@ class RuntimeCache:
 
     def __init__(
         self,
-        overrides: Mapping[str, Any],
-        extra: Sequence[Middleware],
-        on_error: Callable[[Exception], Any] | None,
+        overrides: Mapping[str, Any] | None = None,
+        extra: Sequence[Middleware] = (),
     ) -> None:
-        self.overrides = dict(overrides)
+        self.overrides = dict(overrides or {})
         self.extra = tuple(extra)
-        self.on_error = on_error
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
 
     def get(self, app: Flask, socketio: Any) -> Runtime:
@@ -100,4 +104,88 @@ class RuntimeCache:
             settings.max_in_flight_per_client,
             settings.queue_timeout,
         )
-        return Runtime(state, settings, admission, self.extra, self.on_error)
+        return Runtime(
+            state,
+            settings,
+            admission,
+            self.extra,
+            lambda event: find_error_handler(socketio, event),
+        )
+
+
+def find_error_handler(socketio: Any, event: Event) -> Callable[[Exception], Any] | None:
+    """The error handler for a failed event, in Flask-SocketIO's documented order: the
+    namespace object's own ``error(exc)``, else ``@socketio.on_error(namespace)``, else
+    ``@socketio.on_error_default``; ``None`` when there is none. Looked up at failure
+    time, so handlers registered late count."""
+    owner = getattr(event.handler, "__self__", None)
+    own = getattr(owner, "error", None) if owner is not None else None
+    if callable(own):
+        return own  # type: ignore[no-any-return]
+    handlers = getattr(socketio, "exception_handlers", None) or {}
+    found = handlers.get(event.namespace, getattr(socketio, "default_exception_handler", None))
+    return found
+
+
+_SPECS: dict[Any, HandlerSpec] = {}
+
+
+def spec_of(handler: Callable[..., Any]) -> HandlerSpec:
+    """What we know of ``handler`` (a function or a bound method), worked out once."""
+    key = getattr(handler, "__func__", handler)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = HandlerSpec(handler)
+    return spec
+
+
+def run_event(
+    runtimes: RuntimeCache,
+    socketio: Any,
+    namespace: str,
+    name: str,
+    sid: str | None,
+    handler: Callable[..., Any],
+    payload: tuple[Any, ...],
+    fresh: bool,
+) -> Any:
+    """Run one event through its namespace's pipeline; return the ack.
+
+    Called inside Flask-SocketIO's request context for the event (``request.sid``,
+    ``request.namespace`` and ``request.event`` are set).
+
+    :param fresh: no app context was active before Flask-SocketIO pushed this event's,
+        so that one is new and the event's alone.
+    """
+    try:
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        runtime = runtimes.get(app, socketio)
+        spec = spec_of(handler)
+        if name in LIFECYCLE:
+            # connect gets (auth,), disconnect (reason,): pass them only when accepted
+            payload = payload if payload and spec.accepts(len(payload)) else ()
+        event = Event(
+            app,
+            runtime.state,
+            runtime.settings,
+            namespace,
+            name,
+            sid,
+            payload,
+            handler,
+            spec,
+            socketio.sleep,
+            fresh,
+        )
+        return runtime.chain_for(name)(event)
+    except SocketIORefused:
+        raise
+    except ConnectionRefusedError as exc:
+        # Flask-SocketIO lets only socketio's own class past its error handlers
+        # (on_error_default would accept the client): convert the built-in one.
+        raise SocketIORefused(*exc.args) from exc
+    except ContextSetupError:
+        if name != "connect":
+            raise
+        logger.exception("connection to %s refused: setup error", namespace)
+        raise SocketIORefused("internal_error") from None

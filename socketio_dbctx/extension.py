@@ -21,6 +21,7 @@ from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, is_number, load_settings
 from .errors import ContextSetupError
 from .health import health_check
+from .hooks import install
 from .monitor import MonitorNamespace
 from .pool import worst_status
 from .sessions import SessionFactory, make_source
@@ -111,8 +112,12 @@ class DBContext:
             state.follow(app)
         except (ContextSetupError, KeyError, RuntimeError):
             logger.debug("database not set up yet; checkouts are followed from first use")
-        if socketio is not None and settings.monitor_auth is not None:
-            self._start_monitor(app, state, socketio)
+        if socketio is not None:
+            hooks = install(socketio)
+            hooks.outside.add(settings.monitor_namespace)
+            hooks.wrap_all = hooks.wrap_all or settings.wrap_all_handlers
+            if settings.monitor_auth is not None:
+                self._start_monitor(app, state, socketio)
 
     def _start_monitor(self, app: Flask, state: AppState, socketio: SocketIO) -> None:
         settings = state.settings
@@ -135,6 +140,46 @@ class DBContext:
                 spawn=lambda target: spawn(socketio, target),
                 sleep=state.sleep,
             )
+
+    # -- function handlers --------------------------------------------------------------
+
+    def on(
+        self, message: str, namespace: str | None = None
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator registering a function handler, as ``@socketio.on`` does, that runs
+        through the same pipeline as a :class:`~socketio_dbctx.DBContextNamespace`
+        handler: fresh app context and session, commit before the ack, error handlers,
+        arity check, retries, admission, metrics.
+
+        :param message: the event name (``"*"`` for a catch-all handler).
+        :param namespace: the namespace (``"*"`` for every namespace); default ``"/"``.
+        :raises ContextSetupError: when this DBContext was made without ``socketio``.
+        """
+
+        def decorator(handler: Callable[..., T]) -> Callable[..., T]:
+            self.on_event(message, handler, namespace)
+            return handler
+
+        return decorator
+
+    def on_event(
+        self, message: str, handler: Callable[..., Any], namespace: str | None = None
+    ) -> None:
+        """The non-decorator form of :meth:`on`, as ``socketio.on_event``.
+
+        :raises ValueError: when ``handler`` is not callable.
+        :raises ContextSetupError: when this DBContext was made without ``socketio``.
+        """
+        if not callable(handler):
+            raise ValueError(f"handler must be callable, got {type(handler).__name__}")
+        socketio = self.socketio
+        if socketio is None:
+            raise ContextSetupError(
+                "dbctx.on needs the SocketIO instance: create DBContext(app, socketio, db) "
+                "(or DBContext(socketio=socketio) before init_app)"
+            )
+        install(socketio).pipe(handler)
+        socketio.on(message, namespace=namespace)(handler)
 
     def stop(self, timeout: float | None = 5.0) -> bool:
         """Stop the background loops this extension started for the current (or only)

@@ -31,15 +31,18 @@ __all__ = ["admission", "errors", "metrics", "retry", "transaction"]
 
 logger = logging.getLogger(__name__)
 
-#: A namespace's own ``error(exc)`` method, if it has one.
+#: An error handler: ``handler(exc)``'s return value is the ack.
 ErrorHandler = Callable[[Exception], Any]
+#: Finds the error handler of a failed event, if any.
+ErrorHandlerFinder = Callable[["Event"], "ErrorHandler | None"]
 
 
-def errors(on_error: ErrorHandler | None) -> Wrap:
-    """Turn a failure into the ack: ``on_error(exc)``'s value, else an error payload.
+def errors(find: ErrorHandlerFinder) -> Wrap:
+    """Turn a failure into the ack: the error handler's value, else an error payload.
 
-    ``on_error`` runs in a fresh scope of its own, its session usable and committed.
-    A refused or crashed connect refuses the client; refusals pass through.
+    The handler (see :func:`~socketio_dbctx.dispatch.find_error_handler`) runs in a
+    fresh scope of its own, its session usable and committed. A refused or crashed
+    connect refuses the client; refusals pass through.
     """
 
     def wrap(rest: Step) -> Step:
@@ -53,7 +56,7 @@ def errors(on_error: ErrorHandler | None) -> Wrap:
             except ContextSetupError:
                 raise
             except Exception as exc:
-                return _answer(event, exc, on_error)
+                return _answer(event, exc, find(event))
             if event.name == "connect" and result is False:
                 logger.info("connection to %s refused for sid %s", event.namespace, event.sid)
             return result

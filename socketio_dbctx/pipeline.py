@@ -114,7 +114,6 @@ class Event:
 
     def __init__(
         self,
-        *,
         app: Flask,
         state: AppState,
         settings: Settings,
@@ -127,6 +126,7 @@ class Event:
         sleep: Callable[[float], Any],
         fresh_context: bool = False,
     ) -> None:
+        # positional: one is built per event, and keywords cost more
         self.app = app
         self.state = state
         self.settings = settings

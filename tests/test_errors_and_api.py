@@ -309,9 +309,9 @@ def _decorated_namespace(decorate: Any, fail_times: int, calls: list[Any], db: A
     class Retrying(DBContextNamespace):
         @decorate
         def on_work(self, name):
-            calls.append(self.session)
-            self.session.add(Item(name=f"{name}{len(calls)}"))
-            self.session.flush()
+            calls.append(self.db_session)
+            self.db_session.add(Item(name=f"{name}{len(calls)}"))
+            self.db_session.flush()
             if len(calls) <= fail_times:
                 raise lost_connection()
             return {"ok": len(calls)}
@@ -389,10 +389,14 @@ def test_connection_lost_during_commit_is_retried_only_when_idempotent(
         @decorate
         def on_place(self, name):
             calls.append(1)
-            self.session.add(Item(name=f"{name}{len(calls)}"))
+            self.db_session.add(Item(name=f"{name}{len(calls)}"))
             if len(calls) == 1:
-                pid = self.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
-                sa.event.listen(self.session, "before_commit", lambda session: kill(pid))
+                pid = (
+                    self.db_session.connection()
+                    .exec_driver_sql("SELECT pg_backend_pid()")
+                    .scalar()
+                )
+                sa.event.listen(self.db_session, "before_commit", lambda session: kill(pid))
             return {"ok": len(calls)}
 
     socketio.on_namespace(Orders("/o"))
@@ -428,7 +432,7 @@ def test_pool_timeout_in_a_handler_acks_busy_and_is_not_retried(tmp_path):
     class Chat(DBContextNamespace):
         def on_query(self):
             calls["n"] += 1
-            return self.session.execute(sa.text("SELECT 1")).scalar()
+            return self.db_session.execute(sa.text("SELECT 1")).scalar()
 
     socketio.on_namespace(Chat("/c"))
     client = socketio.test_client(app, namespace="/c")
@@ -458,12 +462,12 @@ def test_unreachable_database_is_retried_then_acks_db_unavailable():
     class Chat(DBContextNamespace):
         def on_query(self):
             calls["n"] += 1
-            return self.session.execute(sa.text("SELECT 1")).scalar()
+            return self.db_session.execute(sa.text("SELECT 1")).scalar()
 
         @no_retry
         def on_query_once(self):
             calls["n"] += 1
-            return self.session.execute(sa.text("SELECT 1")).scalar()
+            return self.db_session.execute(sa.text("SELECT 1")).scalar()
 
     socketio.on_namespace(Chat("/c"))
     client = socketio.test_client(app, namespace="/c")
@@ -487,13 +491,13 @@ def test_serialization_failures_are_retried_even_for_plain_handlers(app, db, soc
     class Orders(DBContextNamespace):
         def on_place(self, name):
             calls.append(1)
-            self.session.add(Item(name=f"{name}{len(calls)}"))
+            self.db_session.add(Item(name=f"{name}{len(calls)}"))
             if len(calls) == 1:
 
                 def fail(session: Any) -> None:
                     raise sa.exc.OperationalError("COMMIT", {}, _DriverError("40001"))
 
-                sa.event.listen(self.session, "before_commit", fail)
+                sa.event.listen(self.db_session, "before_commit", fail)
             return {"ok": len(calls)}
 
     socketio.on_namespace(Orders("/o"))

@@ -131,7 +131,7 @@ def test_self_session_is_db_session_and_fresh_context(app, db, socketio, dbctx, 
     class Chat(DBContextNamespace):
         def on_probe(self):
             return {
-                "same": self.session is db.session(),
+                "same": self.db_session is db.session(),
                 "ctx": has_app_context(),
                 "sid": request.sid,
                 "namespace": request.namespace,
@@ -146,10 +146,10 @@ def test_self_session_is_db_session_and_fresh_context(app, db, socketio, dbctx, 
     assert checked_out(db, app) == 0
 
 
-def test_session_property_outside_an_event_raises(app, db, socketio, dbctx):
+def test_db_session_outside_an_event_raises(app, db, socketio, dbctx):
     ns = DBContextNamespace(NS)
     with pytest.raises(ContextSetupError):
-        _ = ns.session
+        _ = ns.db_session
 
 
 @pytest.mark.parametrize(
@@ -215,8 +215,8 @@ def test_error_hook_runs_inside_the_events_context_and_its_value_is_the_ack(
                     "sid": request.sid,
                     "ctx": has_app_context(),
                     # the failed handler's row was rolled back before error() ran
-                    "rows": self.session.scalar(sa.select(sa.func.count()).select_from(Item)),
-                    "same": self.session is db.session(),
+                    "rows": self.db_session.scalar(sa.select(sa.func.count()).select_from(Item)),
+                    "same": self.db_session is db.session(),
                 }
             )
             return {"custom": type(exc).__name__}
@@ -484,12 +484,12 @@ def test_commit_on_success_false_stores_only_what_the_handler_commits(
         commit_on_success = False
 
         def on_add(self, name):
-            self.session.add(Item(name=name))
+            self.db_session.add(Item(name=name))
             return "added"
 
         def on_add_and_commit(self, name):
-            self.session.add(Item(name=name))
-            self.session.commit()
+            self.db_session.add(Item(name=name))
+            self.db_session.commit()
             return "committed"
 
     client = connect(socketio, app, Manual)
@@ -564,7 +564,7 @@ def test_extra_middleware_runs_inside_the_events_context(app, db, socketio, dbct
         extra_middleware = (inspect_event,)
 
         def on_add(self, name, extra):
-            handler_sessions.append(self.session)
+            handler_sessions.append(self.db_session)
             db.session.add(Item(name=name))
             return "ok"
 
@@ -666,7 +666,7 @@ def test_zero_setup_with_only_flask_sqlalchemy(app, db, socketio, Item, url):
     class Chat(DBContextNamespace):
         def on_add(self, name):
             db.session.add(Item(name=name))
-            return {"same": self.session is db.session()}
+            return {"same": self.db_session is db.session()}
 
         def on_fail(self, name):
             db.session.add(Item(name=name))
@@ -727,13 +727,13 @@ def test_plain_sqlalchemy_sessionmaker(app, socketio, engine, url):
 
     class Chat(DBContextNamespace):
         def on_add(self, name):
-            sessions.append(self.session)
-            self.session.add(PlainItem(name=name))
+            sessions.append(self.db_session)
+            self.db_session.add(PlainItem(name=name))
             return "ok"
 
         def on_fail(self, name):
-            self.session.add(PlainItem(name=name))
-            self.session.flush()
+            self.db_session.add(PlainItem(name=name))
+            self.db_session.flush()
             raise RuntimeError(SECRET)
 
     client = connect(socketio, app, Chat)
@@ -756,7 +756,7 @@ def test_plain_sqlalchemy_scoped_session(app, socketio, engine, url, previous):
     class Chat(DBContextNamespace):
         def on_add(self, name):
             Session.add(PlainItem(name=name))
-            seen.append({"same": Session() is self.session, "fresh": Session() is not before})
+            seen.append({"same": Session() is self.db_session, "fresh": Session() is not before})
             return "ok"
 
         def on_fail(self, name):

@@ -59,15 +59,15 @@ def setup(
         def on_trade(self, data: Any) -> dict[str, Any]:
             symbol, qty = parse_trade(data)
             trade = Trade(symbol=symbol, qty=qty, worker=worker_id())
-            self.session.add(trade)
-            self.session.commit()  # stored before anybody hears of it
+            self.db_session.add(trade)
+            self.db_session.commit()  # stored before anybody hears of it
             payload = {"id": trade.id, "symbol": symbol, "qty": qty, "worker": trade.worker}
             self.emit("trade", payload)  # every client of the namespace, on every worker
             return {"ok": True, "trade": payload}
 
         def on_count(self) -> int:
             query = sa.select(sa.func.count()).select_from(Trade)
-            return int(self.session.execute(query).scalar_one())
+            return int(self.db_session.execute(query).scalar_one())
 
     socketio.on_namespace(TradeNamespace(namespace))
 

@@ -120,7 +120,7 @@ def setup(
         def on_increment(self, name: str, pause: float = 0.0) -> int:
             _text(name, "name")
             pause = _seconds(pause, "pause")
-            self.session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+            self.db_session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
             value = db.session.execute(
                 sa.select(counters.c.value).where(counters.c.name == name)
             ).scalar_one()
