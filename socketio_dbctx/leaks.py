@@ -51,7 +51,9 @@ def short_stack(limit: int = 6) -> Stack:
     frame = sys._getframe(1)
     while frame is not None and len(frames) < limit:
         filename = frame.f_code.co_filename
-        if not any(part in filename for part in _SKIP):
+        # SQLAlchemy 2.0 compiles some methods from strings: filename "<string>"
+        module = frame.f_globals.get("__name__") or ""
+        if not module.startswith("sqlalchemy.") and not any(part in filename for part in _SKIP):
             frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back  # type: ignore[assignment]
     return tuple(frames)
