@@ -35,6 +35,14 @@ REDIS_URL = os.environ.get("DBCTX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("DBCTX_REQUIRE_SERVICES") == "1"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that starts server processes carries the ``server`` marker, so
+    ``-m "not server"`` leaves them all out whether or not its module says so."""
+    for item in items:
+        if "server_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
 def _reachable(url: str, default_port: int) -> str | None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or default_port
