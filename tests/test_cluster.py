@@ -33,6 +33,7 @@ from tcp_proxy import TcpProxy
 
 from socketio_dbctx import ContextSetupError, DBContext
 from socketio_dbctx.cluster import KEY_PREFIX
+from socketio_dbctx.state import app_state
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres, pytest.mark.redis]
 
@@ -512,3 +513,36 @@ def test_invalid_cluster_redis_url_is_rejected_at_init_app(url: str, tmp_path: A
     assert not socketio_server.namespace_handlers
     with app.app_context():
         db.engine.dispose()
+
+
+@pytest.mark.redis
+def test_stop_ends_the_cluster_loop_and_leaves_the_fleet_at_once(
+    cluster_redis: str, tmp_path: Any
+) -> None:
+    """``dbctx.stop()`` ends the cluster view's loop (its shutdown path) and removes this
+    worker's key at once, instead of after three intervals."""
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'stop.db'}",
+        DBCTX_MONITOR_AUTH="t",
+        DBCTX_MONITOR_INTERVAL=0.2,
+        DBCTX_CLUSTER_REDIS_URL=cluster_redis,
+    )
+    db = SQLAlchemy(app)
+    socketio = SocketIO(app, async_mode="threading")
+    dbctx = DBContext(app, socketio, db)
+    store = redis.Redis.from_url(cluster_redis)
+    pattern = f"{KEY_PREFIX}worker:*"
+    try:
+        wait_for(lambda: list(store.scan_iter(match=pattern)), 10, "this worker's key")
+        cluster = app_state(app).cluster
+        assert cluster.running
+        assert dbctx.stop(timeout=5) is True
+        assert not cluster.running
+        assert list(store.scan_iter(match=pattern)) == []
+        assert dbctx.stop(timeout=1) is True  # stopping twice is harmless
+    finally:
+        dbctx.stop(timeout=5)
+        store.close()
+        with app.app_context():
+            db.engine.dispose()
