@@ -4,7 +4,7 @@
 trades against it with real Socket.IO clients.
 
 * ``app``: the app factory, the ``/trading`` namespace and the HTTP routes.
-* ``book``: price-time priority matching; ``outbox``: broadcasts after the commit.
+* ``book``: price-time priority matching; its per-symbol lock is held until the transaction ends.
 * ``models``, ``validation``: the tables, and strict checks of what clients send.
 * ``static/``, ``templates/``: the dashboard page; ``static/vendor/`` holds the
   browser libraries from npm (``package.json`` at the repository root,

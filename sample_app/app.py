@@ -8,13 +8,13 @@ import os
 import socket
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, send_from_directory
+from flask import Flask, Response, current_app, jsonify, render_template, send_from_directory
 from flask_socketio import SocketIO
 from sqlalchemy import event
 
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
 
-from . import book, outbox, validation
+from . import book, validation
 from .models import Order, Trade, db
 
 #: Everything the page loads comes from the app itself; the browser enforces it too.
@@ -34,7 +34,9 @@ class Trading(DBContextNamespace):
     """``/trading``: every handler runs in its own app context and session.
 
     Broadcasts (``order_placed``, ``trade``, ``order_updated``) go out only after the
-    event's transaction has committed (see :mod:`sample_app.outbox`).
+    event's transaction has committed: socketio_dbctx holds emits made inside an event
+    until its COMMIT and drops them on rollback (``DBCTX_DEFER_EMITS``), and
+    ``dbctx.after_commit`` queues any other callback the same way.
     """
 
     def on_place_order(self, data: Any) -> dict[str, Any]:
@@ -51,7 +53,7 @@ class Trading(DBContextNamespace):
             for resting in touched:
                 self.emit("order_updated", resting)
 
-        outbox.after_commit(self.db_session, broadcast)
+        current_app.extensions["dbctx"].after_commit(broadcast)
         return {"ok": True, "order": order}
 
     def on_list_orders(self, data: Any = None) -> dict[str, Any]:
@@ -72,8 +74,7 @@ class Trading(DBContextNamespace):
         order = book.cancel(self.db_session, validation.order_id(order_id))
         if order is None:
             raise InvalidRequestError("no open order with that id")
-        payload = order.to_dict()
-        outbox.after_commit(self.db_session, lambda: self.emit("order_updated", payload))
+        self.emit("order_updated", order.to_dict())  # held until the commit
         return {"ok": True}
 
 

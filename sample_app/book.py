@@ -7,7 +7,7 @@ order's price. Fills reduce ``qty`` on both sides; an order whose ``qty`` reache
 ``filled``. Whatever is left of the incoming order rests on the book as ``open``.
 
 One symbol's book is matched by one event at a time: a lock per symbol stripe in this
-process (held until the transaction ends, see :func:`sample_app.outbox.hold`) and, on
+process (held until the transaction ends, see :func:`hold`) and, on
 PostgreSQL, a transaction-level advisory lock, so several workers sharing the
 database never match against the same resting order twice.
 """
@@ -19,13 +19,14 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import event, select, text, update
+from sqlalchemy.orm import Session, SessionTransaction
 
-from . import outbox
-from .models import Order, Trade
+from socketio_dbctx import BusyError
 
-__all__ = ["Match", "book_lock", "cancel", "place"]
+from .models import Order, Trade, db
+
+__all__ = ["Match", "book_lock", "cancel", "hold", "place"]
 
 #: Locks per process; symbols share them by hash.
 STRIPES = 64
@@ -37,9 +38,37 @@ BATCH = 50
 _locks = [threading.Lock() for _ in range(STRIPES)]
 
 
+_HELD = "sample_app.locks"
+
+
 def book_lock(symbol: str) -> threading.Lock:
     """The process-local lock of ``symbol``'s book."""
     return _locks[zlib.crc32(symbol.encode()) % STRIPES]
+
+
+def hold(session: Session, lock: threading.Lock, timeout: float) -> None:
+    """Acquire ``lock`` and keep it until ``session``'s transaction ends (commit or
+    rollback), so the book stays locked through the COMMIT socketio_dbctx runs after
+    the handler returns and no other order matches against a stale book.
+
+    :raises BusyError: when the lock is not free within ``timeout`` seconds (the
+        client gets a retryable ``busy`` ack).
+    """
+    if not lock.acquire(timeout=timeout):
+        raise BusyError("the order book is busy, try again")
+    try:
+        session.connection()  # begin the transaction whose end releases the lock
+    except BaseException:
+        lock.release()
+        raise
+    session.info.setdefault(_HELD, []).append(lock)
+
+
+@event.listens_for(db.session, "after_transaction_end")
+def _release_locks(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the whole transaction, not a savepoint
+        for lock in session.info.pop(_HELD, ()):
+            lock.release()
 
 
 @dataclass
@@ -53,7 +82,7 @@ class Match:
 
 
 def _lock_book(session: Session, symbol: str) -> None:
-    outbox.hold(session, book_lock(symbol), LOCK_TIMEOUT)
+    hold(session, book_lock(symbol), LOCK_TIMEOUT)
     if session.get_bind().dialect.name == "postgresql":
         # across worker processes; released by the COMMIT or ROLLBACK
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": symbol})

@@ -23,8 +23,8 @@ The modules form layers; each imports only from its own layer or those below it
                     |         (the Event, the chain built once, the built-in steps)
     state       state
                     |         (one app's settings, source, metrics, tracker; the registry)
-    scopes      context  sessions
-                    |         (a fresh app context and session per scope)
+    scopes      context  sessions  emits
+                    |         (a fresh app context and session per scope; held emits)
     mechanisms  acks  admission  cluster  drivers  health  leaks  metrics  pool  retry  tasks
                     |         (one concern each, no Flask-SocketIO dispatch knowledge)
     base        config  decorators  errors  shapes  transient
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from .config import NamespaceSettings
 from .decorators import idempotent, no_retry, retry_policy
+from .emits import immediate_emits
 from .errors import (
     BusyError,
     ContextSetupError,
@@ -87,6 +88,7 @@ __all__ = [
     "WebSocketContextHelper",
     "__version__",
     "idempotent",
+    "immediate_emits",
     "is_transient",
     "no_retry",
     "retry_policy",

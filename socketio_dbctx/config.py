@@ -137,6 +137,7 @@ class Settings:
     monitor_interval: float = _setting(2.0, _number(0, above=True))
     monitor_auth: MonitorAuth = _setting(None, _auth)
     expose_errors: bool = _setting(False, _bool)
+    defer_emits: bool = _setting(True, _bool)
     wrap_all_handlers: bool = _setting(False, _bool)
     cluster_redis_url: str | None = _setting(None, _redis_url)
 

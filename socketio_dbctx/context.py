@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from flask import Flask
 from sqlalchemy import event as sa_event
@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Scope",
+    "after_commit",
     "async_scope",
     "commit",
     "current_scope",
     "follow_commits",
     "open_scope",
+    "release",
     "session_scope",
 ]
 
@@ -39,18 +41,40 @@ logger = logging.getLogger(__name__)
 
 
 class Scope:
-    """What a running scope knows: its session (made on first use) and, for Socket.IO
-    events, the event."""
+    """What a running scope knows: its session (made on first use), for Socket.IO
+    events the event, and the sends held until it commits.
 
-    __slots__ = ("event", "label", "source", "token")
+    :ivar defer: emits in this scope are held until it ends successfully.
+    """
+
+    __slots__ = ("defer", "event", "held", "label", "source", "token")
 
     def __init__(
-        self, source: SessionSource, token: Any, event: Event | None, label: str | None
+        self,
+        source: SessionSource,
+        token: Any,
+        event: Event | None,
+        label: str | None,
+        defer: bool = False,
     ) -> None:
         self.source = source
         self.token = token
         self.event = event
         self.label = label
+        self.defer = defer
+        self.held: list[Callable[[], Any]] | None = None
+
+    def hold(self, send: Callable[[], Any]) -> None:
+        """Keep ``send`` until the scope has committed; dropped if it fails."""
+        if self.held is None:
+            self.held = [send]
+        else:
+            self.held.append(send)
+
+    def take_held(self) -> list[Callable[[], Any]] | None:
+        """The held sends, in call order, now owned by the caller."""
+        held, self.held = self.held, None
+        return held
 
     @property
     def session(self) -> Session:
@@ -137,11 +161,12 @@ class open_scope:
         event: Event | None = None,
         label: str | None = None,
         fresh_context: bool = False,
+        defer: bool = False,
     ) -> None:
         # fresh_context: the active app context was made for this scope alone (by
         # Flask-SocketIO for this event), so it is already fresh and need not be doubled.
         self._ctx = None if fresh_context else app.app_context()
-        self.scope = Scope(source, None, event, label)
+        self.scope = Scope(source, None, event, label, defer)
 
     def __enter__(self) -> Scope:
         ctx = self._ctx
@@ -191,18 +216,56 @@ def commit(scope: Scope) -> None:
         session.commit()  # the before_commit listener marks the commit phase
 
 
+def release(held: list[Callable[[], Any]] | None, failed: Callable[[], Any] | None) -> None:
+    """Run the sends a scope held, in call order, after it committed and closed.
+
+    One that fails is logged and counted (``failed()``), never raised: the event has
+    committed, and its ack must say so. The rest still run.
+    """
+    if not held:
+        return
+    for send in held:
+        try:
+            send()
+        except Exception:
+            logger.exception("a send or callback held until the commit failed")
+            if failed is not None:
+                failed()
+
+
+def after_commit(callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Call ``callback(*args, **kwargs)`` once the current scope has committed, in
+    order with its held emits; dropped if the scope fails. Outside a scope it runs at
+    once."""
+    scope = _current.get()
+    if scope is None:
+        callback(*args, **kwargs)
+    else:
+        scope.hold(lambda: callback(*args, **kwargs))
+
+
 @contextmanager
 def session_scope(
-    app: Flask, source: SessionSource, *, commit_on_success: bool = True, label: str = "scope"
+    app: Flask,
+    source: SessionSource,
+    *,
+    commit_on_success: bool = True,
+    label: str = "scope",
+    defer: bool = True,
+    failed: Callable[[], Any] | None = None,
 ) -> Iterator[Session]:
     """Sync scope for code outside Socket.IO events; yields the session.
 
     :param label: names the scope in leak reports (e.g. ``"task:refresh_prices"``).
+    :param defer: hold emits until the scope has committed.
+    :param failed: counts a held send that failed after the commit.
     """
-    with open_scope(app, source, label=label) as scope:
+    with open_scope(app, source, label=label, defer=defer) as scope:
         yield scope.session
         if commit_on_success:
             commit(scope)
+        held = scope.take_held()
+    release(held, failed)
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from flask import Flask, current_app
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
-from . import middleware
+from . import emits, middleware
 from .admission import Admission
 from .config import Settings
 from .errors import ContextSetupError
@@ -96,6 +96,7 @@ class RuntimeCache:
 
     def _build(self, app: Flask, socketio: Any) -> Runtime:
         state = app_state(app, socketio)
+        emits.install(socketio.server)
         async_mode = socketio.server.async_mode
         state.check_drivers(app, async_mode)
         settings = state.settings.override(self.overrides)

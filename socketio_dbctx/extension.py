@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from flask import Flask, current_app, has_app_context
 from sqlalchemy.orm import Session
 
-from . import context
+from . import context, emits
 from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, is_number, load_settings
 from .errors import ContextSetupError
@@ -113,6 +113,7 @@ class DBContext:
         except (ContextSetupError, KeyError, RuntimeError):
             logger.debug("database not set up yet; checkouts are followed from first use")
         if socketio is not None:
+            emits.install(getattr(socketio, "server", None))
             hooks = install(socketio)
             hooks.outside.add(settings.monitor_namespace)
             hooks.wrap_all = hooks.wrap_all or settings.wrap_all_handlers
@@ -231,9 +232,25 @@ class DBContext:
 
     @staticmethod
     def _scope(app: Flask, state: AppState, label: str) -> Any:
+        if state.socketio is not None:
+            emits.install(getattr(state.socketio, "server", None))
         return context.session_scope(
-            app, state.source, commit_on_success=state.settings.commit_on_success, label=label
+            app,
+            state.source,
+            commit_on_success=state.settings.commit_on_success,
+            label=label,
+            defer=state.settings.defer_emits,
+            failed=state.metrics.after_commit_failed,
         )
+
+    @staticmethod
+    def after_commit(callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Call ``callback(*args, **kwargs)`` once the current scope (event,
+        :meth:`session_scope`, task run) has committed, in order with its held emits.
+        Dropped on rollback and with a failed attempt that is retried; outside any
+        scope it runs at once. A callback that raises is logged and counted; the
+        committed event still acks success."""
+        context.after_commit(callback, *args, **kwargs)
 
     @contextmanager
     def session_scope(self) -> Iterator[Session]:

@@ -73,6 +73,8 @@ class EventMetrics:
         self._lock = threading.Lock()
         self.retries_total = 0
         self.pool_timeouts = 0
+        #: held emits and after-commit callbacks that failed after their commit
+        self.after_commit_failures = 0
 
     def _get(self, key: str, namespace: str, event: str) -> EventStats:
         stats = self._stats.get(key)
@@ -116,6 +118,11 @@ class EventMetrics:
         """A pool checkout timed out inside an event."""
         with self._lock:
             self.pool_timeouts += 1
+
+    def after_commit_failed(self) -> None:
+        """A held emit or after-commit callback failed after its scope committed."""
+        with self._lock:
+            self.after_commit_failures += 1
 
     def stats(self) -> list[EventStats]:
         """Consistent copies of every event's counters."""

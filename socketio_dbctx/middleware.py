@@ -19,7 +19,7 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy import exc as sa_exc
 
 from .acks import error_code, error_payload, log_failure
-from .context import commit, open_scope
+from .context import commit, open_scope, release
 from .errors import BusyError, ContextSetupError
 from .retry import max_retries_of, run_with_retries
 
@@ -70,9 +70,17 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
     ack = None
     if on_error is not None:
         try:
-            with open_scope(event.app, event.state.source, event=event, label=event.key) as scope:
+            with open_scope(
+                event.app,
+                event.state.source,
+                event=event,
+                label=event.key,
+                defer=event.settings.defer_emits,
+            ) as scope:
                 ack = on_error(exc)
                 commit(scope)
+                held = scope.take_held()
+            release(held, event.state.metrics.after_commit_failed)
         except (ConnectionRefusedError, SocketIORefused):
             if event.name == "connect":
                 raise
@@ -161,12 +169,21 @@ def transaction(rest: Step) -> Step:
         event.phase = "handler"
         event.committed = False
         fresh = event.fresh_context and event.attempt == 1
+        settings = event.settings
         with open_scope(
-            event.app, event.state.source, event=event, label=event.key, fresh_context=fresh
+            event.app,
+            event.state.source,
+            event=event,
+            label=event.key,
+            fresh_context=fresh,
+            defer=settings.defer_emits,
         ) as scope:
             result = rest(event)
-            if event.settings.commit_on_success:
+            if settings.commit_on_success:
                 commit(scope)
-            return result
+            held = scope.take_held()
+        # after the commit and the close, before the ack; a failure is logged, never raised
+        release(held, event.state.metrics.after_commit_failed)
+        return result
 
     return step

@@ -544,6 +544,7 @@ ALLOWED_EXTRAS = {
     "PeriodicTask",
     "PoolStatus",
     "__version__",
+    "immediate_emits",
 }
 
 
