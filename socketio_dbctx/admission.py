@@ -161,8 +161,10 @@ class Admission:
                 and (process.limit is None or process.running < process.limit)
                 and (not per_client or sid is None or self._clients.get(sid, 0) < per_client)
             )
-            if admitted:
-                self.take(sid)
+            if admitted:  # self.take(sid), inlined
+                process.running += 1
+                if per_client and sid is not None:
+                    self._clients[sid] = self._clients.get(sid, 0) + 1
         if not admitted:
             self._wait(sid)
         try:

@@ -83,15 +83,21 @@ class RuntimeCache:
         self.overrides = dict(overrides or {})
         self.extra = tuple(extra)
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
+        # the last app's runtime: a WeakKeyDictionary lookup makes a weakref each time
+        self._last: tuple[Callable[[], Any], Runtime | None] = (lambda: None, None)
 
     def get(self, app: Flask, socketio: Any) -> Runtime:
         """The runtime of ``app``, built by the first event."""
+        last_app, runtime = self._last
+        if runtime is not None and last_app() is app:
+            return runtime
         runtime = self._runtimes.get(app)
         if runtime is None:
             with self._LOCK:
                 runtime = self._runtimes.get(app)
                 if runtime is None:
                     runtime = self._runtimes[app] = self._build(app, socketio)
+        self._last = (weakref.ref(app), runtime)
         return runtime
 
     def _build(self, app: Flask, socketio: Any) -> Runtime:

@@ -85,7 +85,7 @@ class EventMetrics:
 
     def started(self, key: str, namespace: str, event: str) -> None:
         """An event began running."""
-        stats = self._get(key, namespace, event)
+        stats = self._stats.get(key) or self._get(key, namespace, event)
         with self._lock:
             stats.in_flight += 1
 

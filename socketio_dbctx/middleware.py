@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from .acks import error_code, error_payload, log_failure
 from .context import commit, open_scope, release
 from .errors import BusyError, ContextSetupError
-from .retry import max_retries_of, run_with_retries
+from .retry import run_with_retries
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -152,7 +152,7 @@ def retry(rest: Step) -> Step:
     """Run the rest of the chain again after a transient failure."""
 
     def step(event: Event) -> Any:
-        return run_with_retries(event, rest, max_retries_of(event))
+        return run_with_retries(event, rest)
 
     return step
 
@@ -182,8 +182,8 @@ def transaction(rest: Step) -> Step:
             if settings.commit_on_success:
                 commit(scope)
             held = scope.take_held()
-        # after the commit and the close, before the ack; a failure is logged, never raised
-        release(held, event.state.metrics.after_commit_failed)
+        if held:  # after the commit and the close, before the ack; failures are logged
+            release(held, event.state.metrics.after_commit_failed)
         return result
 
     return step

@@ -88,9 +88,9 @@ def max_retries_of(event: Event) -> int:
     return int(options.get("max_retries", event.settings.max_retries))
 
 
-def run_with_retries(event: Event, rest: Step, max_retries: int) -> Any:
+def run_with_retries(event: Event, rest: Step) -> Any:
     """Run ``rest(event)``; after a transient failure that :func:`should_retry`
-    allows, run it again with backoff, up to ``max_retries`` more times.
+    allows, run it again with backoff, up to :func:`max_retries_of` more times.
 
     :raises RetryExhaustedError: when every attempt failed transiently.
     """
@@ -98,6 +98,7 @@ def run_with_retries(event: Event, rest: Step, max_retries: int) -> Any:
     try:
         return rest(event)
     except Exception as exc:
+        max_retries = max_retries_of(event)
         if max_retries == 0 or not should_retry(
             exc,
             phase=event.phase,

@@ -84,7 +84,7 @@ class FlaskSQLAlchemySource(SessionSource):
         return db
 
     def open(self) -> Any:
-        return self._resolve(current_app).session
+        return (self._db or self._resolve(current_app)).session
 
     def get(self, token: Any) -> Session:
         return token()  # type: ignore[no-any-return]
