@@ -22,6 +22,7 @@ per-client ``session(sid)``.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import threading
@@ -682,6 +683,16 @@ def test_difference_connect_refusal_is_never_swallowed(way: str, handlers: str) 
         ]
     assert connected[False] == [True] * len(modes)
     assert connected[True] == [False] * len(modes)
+
+
+def test_readme_lists_every_pinned_difference() -> None:
+    """The README's "Differences from a plain Namespace" names exactly the
+    ``test_difference_*`` tests of this module."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Differences from a plain Namespace", 1)[1].split("\n#", 1)[0]
+    named = set(re.findall(r"`(test_difference_\w+)`", section))
+    defined = {name for name in globals() if name.startswith("test_difference_")}
+    assert named == defined
 
 
 # -- differences that are bugs (strict xfail: they fail until socketio_dbctx is fixed) -----
