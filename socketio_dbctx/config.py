@@ -160,6 +160,7 @@ class NamespaceSettings:
     class attribute of the same name; ``None`` (the default) keeps the app's value."""
 
     commit_on_success: bool | None = None
+    defer_emits: bool | None = None
     expose_errors: bool | None = None
     max_in_flight_per_client: int | None = None
     max_retries: int | None = None

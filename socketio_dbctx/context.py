@@ -47,7 +47,7 @@ class Scope:
     :ivar defer: emits in this scope are held until it ends successfully.
     """
 
-    __slots__ = ("defer", "event", "held", "label", "source", "token")
+    __slots__ = ("defer", "event", "held", "label", "source", "token", "unsaved")
 
     def __init__(
         self,
@@ -63,6 +63,8 @@ class Scope:
         self.label = label
         self.defer = defer
         self.held: list[Callable[[], Any]] | None = None
+        #: a flush wrote rows that no COMMIT has saved yet
+        self.unsaved = False
 
     def hold(self, send: Callable[[], Any]) -> None:
         """Keep ``send`` until the scope has committed; dropped if it fails."""
@@ -72,9 +74,22 @@ class Scope:
             self.held.append(send)
 
     def take_held(self) -> list[Callable[[], Any]] | None:
-        """The held sends, in call order, now owned by the caller."""
+        """The held sends, in call order, now owned by the caller; none when the scope
+        ends with writes that were never committed (``commit_on_success=False`` and no
+        COMMIT of the handler's own): closing the session rolls those back."""
         held, self.held = self.held, None
+        if held and self._uncommitted():
+            logger.info(
+                "dropped %d held send(s): the scope's writes were not committed", len(held)
+            )
+            return None
         return held
+
+    def _uncommitted(self) -> bool:
+        session = self.active_session()
+        if session is None:
+            return False
+        return self.unsaved or bool(session.new or session.dirty or session.deleted)
 
     @property
     def session(self) -> Session:
@@ -100,8 +115,16 @@ def _on_commit_start(session: Session) -> None:
 def _on_committed(session: Session) -> None:
     # Once a COMMIT went through, running the event again would apply it twice.
     scope = _current.get()
-    if scope is not None and scope.event is not None:
-        scope.event.committed = True
+    if scope is not None:
+        scope.unsaved = False
+        if scope.event is not None:
+            scope.event.committed = True
+
+
+def _on_flushed(session: Session, flush_context: Any) -> None:
+    scope = _current.get()
+    if scope is not None:
+        scope.unsaved = True
 
 
 def follow_commits(factory: Any) -> None:
@@ -114,6 +137,7 @@ def follow_commits(factory: Any) -> None:
     if not sa_event.contains(factory, "before_commit", _on_commit_start):
         sa_event.listen(factory, "before_commit", _on_commit_start)
         sa_event.listen(factory, "after_commit", _on_committed)
+        sa_event.listen(factory, "after_flush", _on_flushed)
 
 
 def current_scope() -> Scope | None:

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-from flask import Flask, current_app
+from flask import Flask, current_app, request
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
 from . import emits, middleware
@@ -168,9 +168,11 @@ def run_event(
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         runtime = runtimes.get(app, socketio)
         spec = spec_of(handler)
-        if name in LIFECYCLE:
+        if name in LIFECYCLE and payload and not spec.accepts(len(payload)):
             # connect gets (auth,), disconnect (reason,): pass them only when accepted
-            payload = payload if payload and spec.accepts(len(payload)) else ()
+            payload = ()
+            if name == "disconnect":  # as python-socketio's call of a legacy handler
+                request.event["args"] = ()  # type: ignore[attr-defined]
         event = Event(
             app,
             runtime.state,
@@ -189,8 +191,9 @@ def run_event(
         raise
     except ConnectionRefusedError as exc:
         # Flask-SocketIO lets only socketio's own class past its error handlers
-        # (on_error_default would accept the client): convert the built-in one.
-        raise SocketIORefused(*exc.args) from exc
+        # (on_error_default would accept the client): convert the built-in one, with
+        # python-socketio's own words for it (its text is not for the client).
+        raise SocketIORefused("Connection refused by server") from exc
     except ContextSetupError:
         if name != "connect":
             raise

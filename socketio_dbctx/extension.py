@@ -117,6 +117,7 @@ class DBContext:
             hooks = install(socketio)
             hooks.outside.add(settings.monitor_namespace)
             hooks.wrap_all = hooks.wrap_all or settings.wrap_all_handlers
+            hooks.adopt_namespaces()
             if settings.monitor_auth is not None:
                 self._start_monitor(app, state, socketio)
 
@@ -179,7 +180,7 @@ class DBContext:
                 "dbctx.on needs the SocketIO instance: create DBContext(app, socketio, db) "
                 "(or DBContext(socketio=socketio) before init_app)"
             )
-        install(socketio).pipe(handler)
+        install(socketio).pipe(handler, message, namespace or "/")
         socketio.on(message, namespace=namespace)(handler)
 
     def stop(self, timeout: float | None = 5.0) -> bool:

@@ -18,6 +18,7 @@ import weakref
 from typing import Any, Callable
 
 from flask import has_app_context
+from flask_socketio import Namespace
 
 from .dispatch import RuntimeCache, run_event
 
@@ -39,18 +40,24 @@ class EventHooks:
         self.wrap_all = False
         self.outside = {"/admin"}
         self._socketio = weakref.ref(socketio)
-        self._piped: weakref.WeakSet[Any] = weakref.WeakSet()
+        # (namespace, event, function) of each @dbctx.on registration: the same
+        # function registered elsewhere with @socketio.on stays plain there
+        self._piped: set[tuple[str, str, Any]] = set()
         self._runtimes: dict[str, RuntimeCache] = {}
 
-    def pipe(self, handler: Callable[..., Any]) -> None:
-        """Run ``handler`` through the pipeline whenever Flask-SocketIO calls it."""
-        self._piped.add(getattr(handler, "__func__", handler))
+    def pipe(self, handler: Callable[..., Any], message: str, namespace: str) -> None:
+        """Run ``handler`` through the pipeline when Flask-SocketIO calls it for
+        ``message`` in ``namespace`` (each may be ``"*"``)."""
+        self._piped.add((namespace, message, getattr(handler, "__func__", handler)))
 
-    def pipes(self, handler: Callable[..., Any], namespace: str) -> bool:
-        """Whether an event of ``namespace`` handled by ``handler`` goes through the
+    def pipes(self, handler: Callable[..., Any], message: str, namespace: str) -> bool:
+        """Whether ``message`` of ``namespace`` handled by ``handler`` goes through the
         pipeline."""
-        if getattr(handler, "__func__", handler) in self._piped:
-            return True
+        if self._piped:
+            func = getattr(handler, "__func__", handler)
+            piped = self._piped
+            if (namespace, message, func) in piped or ("*", message, func) in piped:
+                return True
         return self.wrap_all and namespace not in self.outside
 
     def runtimes(self, namespace: str) -> RuntimeCache:
@@ -65,7 +72,7 @@ class EventHooks:
         self, handler: Callable[..., Any], message: str, namespace: str, sid: str, *args: Any
     ) -> Any:
         """Stands in for ``SocketIO._handle_event``."""
-        if not self.pipes(handler, namespace):
+        if not self.pipes(handler, message, namespace):
             return self.original(handler, message, namespace, sid, *args)
         socketio = self._socketio()
         runtimes = self.runtimes(namespace)
@@ -75,6 +82,44 @@ class EventHooks:
             return run_event(runtimes, socketio, namespace, message, sid, handler, payload, fresh)
 
         return self.original(piped, message, namespace, sid, *args)
+
+    def adopt_namespaces(self) -> None:
+        """Under wrap-all, give plain ``Namespace`` objects, registered now or later, a
+        dispatch without their own ``except Exception: return self.error(exc)``: the
+        pipeline calls ``error()`` itself, and that catch would hand it a refusal and
+        let a refused client in."""
+        socketio = self._socketio()
+        if socketio is None or not self.wrap_all or getattr(socketio, "_dbctx_adopts", False):
+            return
+        server = getattr(socketio, "server", None)
+        for handler in [
+            *socketio.namespace_handlers,
+            *getattr(server, "namespace_handlers", {}).values(),
+        ]:
+            self._adopt(handler)
+        register = socketio.on_namespace
+
+        def on_namespace(namespace_handler: Any) -> Any:
+            self._adopt(namespace_handler)
+            return register(namespace_handler)
+
+        socketio.on_namespace = on_namespace
+        socketio._dbctx_adopts = True
+
+    def _adopt(self, handler: Any) -> None:
+        # DBContextNamespace runs its own pipeline; the monitor stays outside
+        if type(handler).trigger_event is not Namespace.trigger_event:
+            return
+        if handler.namespace in self.outside:
+            return
+
+        def trigger_event(event: str, *args: Any) -> Any:
+            method = getattr(handler, "on_" + (event or ""), None)
+            if method is None:
+                return None
+            return handler.socketio._handle_event(method, event, handler.namespace, *args)
+
+        handler.trigger_event = trigger_event
 
 
 def install(socketio: Any) -> EventHooks:

@@ -789,11 +789,6 @@ def test_defer_emits_off_in_the_config_sends_at_call_time(app, db, socketio, Ite
     assert (ack, before) == (INTERNAL_ERROR, seq(token, 1, 3))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: NamespaceSettings (socketio_dbctx/config.py) has no defer_emits, so "
-    "setting_overrides() never passes a namespace's defer_emits attribute on",
-)
 @pytest.mark.parametrize("config", [True, False])
 def test_the_namespace_attribute_overrides_the_config(
     app, db, socketio, Item, wire, markers, config
@@ -1021,12 +1016,6 @@ def test_without_commit_on_success_a_handler_that_commits_itself_sends(manual_co
     assert stored_names(url) == [token]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with commit_on_success off, the transaction step (middleware.py) and "
-    "session_scope (context.py) release the held emits although the scope's writes "
-    "were never committed and are rolled back when its session closes",
-)
 def test_without_commit_on_success_uncommitted_writes_send_nothing(
     manual_commits, socketio, Item, url, wire
 ):

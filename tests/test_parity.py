@@ -698,12 +698,6 @@ def test_readme_lists_every_pinned_difference() -> None:
 # -- differences that are bugs (strict xfail: they fail until socketio_dbctx is fixed) -----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="socketio_dbctx/dispatch.py run_event drops the reason for a disconnect "
-    "handler without parameters but leaves request.event['args'] == (reason,); "
-    "plain Flask-SocketIO calls it again without the reason, so args == []",
-)
 @pytest.mark.parametrize("way", PIPED_WAYS)
 def test_legacy_disconnect_handler_sees_the_same_request_event(way: str) -> None:
     observed = []
@@ -727,13 +721,6 @@ def test_legacy_disconnect_handler_sees_the_same_request_event(way: str) -> None
     assert observed[1] == observed[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="socketio_dbctx/dispatch.py run_event converts a built-in "
-    "ConnectionRefusedError into socketio's with the exception's args, so the client's "
-    "connect error carries the exception text; python-socketio sends its fixed "
-    "'Connection refused by server'",
-)
 @pytest.mark.parametrize("way", PIPED_WAYS)
 def test_builtin_connection_refused_error_refuses_with_the_same_message(way: str) -> None:
     traces = []
@@ -747,13 +734,6 @@ def test_builtin_connection_refused_error_refuses_with_the_same_message(way: str
     assert traces[1] == traces[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under DBCTX_WRAP_ALL_HANDLERS a plain Namespace keeps Flask-SocketIO's "
-    "trigger_event, whose `except Exception: return self.error(exc)` takes the "
-    "refusal the pipeline raises (socketio_dbctx/middleware.py _answer) and lets the "
-    "client in, calling error() a second time",
-)
 @pytest.mark.parametrize("mode", ["refuse", "builtin", "crash"])
 def test_wrap_all_plain_namespace_error_does_not_let_refused_clients_in(mode: str) -> None:
     calls: list[str] = []
@@ -771,12 +751,6 @@ def test_wrap_all_plain_namespace_error_does_not_let_refused_clients_in(mode: st
     assert refused["wrap_all_namespace"] == refused["dbctx_namespace"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="socketio_dbctx/hooks.py EventHooks.pipe keys on the function object, so a "
-    "function registered with @dbctx.on in one place is piped wherever @socketio.on "
-    "registered it too",
-)
 def test_a_function_is_piped_only_where_dbctx_registered_it() -> None:
     h = Harness("plain_functions")
     dbctx = DBContext(h.app, h.socketio, h.db)
