@@ -101,6 +101,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: int = 1)
     return "\n".join(lines)
 
 
+def bench_item_model(app: Any, db: Any) -> Any:
+    """The benchmarks' ``bench_item`` model on ``db``, its table created, item 1 in it."""
+    import sqlalchemy as sa
+
+    class Item(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "bench_item"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String(40), nullable=False)
+        price = sa.Column(sa.Float, nullable=False)
+
+    with app.app_context():
+        db.create_all()
+        if db.session.get(Item, 1) is None:
+            db.session.add(Item(id=1, name="widget", price=9.5))
+            db.session.commit()
+    return Item
+
+
 def package_versions(names: Sequence[str] = PACKAGES) -> str:
     """``"Flask 3.1.3, ..."`` for the installed ones of ``names``."""
     found = []

@@ -136,7 +136,6 @@ HANDLERS: dict[str, Handler] = {
 
 def build(side: str, func: HandlerFunc, url: str) -> tuple[Any, Any]:
     """The app for ``side`` and a test client connected to its namespace."""
-    import sqlalchemy as sa
     from flask import Flask
     from flask_socketio import Namespace, SocketIO
     from flask_sqlalchemy import SQLAlchemy
@@ -146,16 +145,9 @@ def build(side: str, func: HandlerFunc, url: str) -> tuple[Any, Any]:
     db = SQLAlchemy()
     db.init_app(app)
 
-    class Item(db.Model):  # type: ignore[name-defined,misc]
-        __tablename__ = "bench_item"
-        id = sa.Column(sa.Integer, primary_key=True)
-        name = sa.Column(sa.String(40), nullable=False)
-        price = sa.Column(sa.Float, nullable=False)
+    from _harness import bench_item_model
 
-    with app.app_context():
-        db.create_all()
-        db.session.add(Item(id=1, name="widget", price=9.5))
-        db.session.commit()
+    Item = bench_item_model(app, db)
 
     socketio = SocketIO(app, async_mode="threading")
     models = Models(db, Item)
@@ -363,10 +355,8 @@ def report(outcomes: dict[Run, Outcome], handlers: list[str], n: int) -> bool:
             complete = False
             continue
         ratio = ours / plain
-        if handler.target is None:
-            verdict = "-"
-        else:
-            verdict = "yes" if ratio <= handler.target else "**no**"
+        met = handler.target is None or ratio <= handler.target
+        verdict = "-" if handler.target is None else ("yes" if met else "**no**")
         print(
             f"| {handler.label} | {plain:,.0f} | {ours:,.0f} | {ratio:.3f}x "
             f"| {ours - plain:+,.0f} | {target} | {verdict} |"

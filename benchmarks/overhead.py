@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from _harness import package_versions
+from _harness import bench_item_model, package_versions
 from flask import Flask, has_app_context
 from flask_socketio import Namespace, SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -142,17 +142,7 @@ def build_side(url: str, namespace: str) -> Side:
     db = SQLAlchemy()
     db.init_app(app)
 
-    class Item(db.Model):  # type: ignore[name-defined,misc]
-        __tablename__ = "bench_item"
-        id = sa.Column(sa.Integer, primary_key=True)
-        name = sa.Column(sa.String(40), nullable=False)
-        price = sa.Column(sa.Float, nullable=False)
-
-    with app.app_context():
-        db.create_all()
-        if db.session.get(Item, 1) is None:
-            db.session.add(Item(id=1, name="widget", price=9.5))
-            db.session.commit()
+    Item = bench_item_model(app, db)
 
     socketio = SocketIO(app, async_mode="threading")
     probe_sessions: list[Any] = []

@@ -167,7 +167,7 @@ def run_event(
     try:
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         runtime = runtimes.get(app, socketio)
-        spec = spec_of(handler)
+        spec = _SPECS.get(getattr(handler, "__func__", handler)) or spec_of(handler)
         if name in LIFECYCLE and payload and not spec.accepts(len(payload)):
             # connect gets (auth,), disconnect (reason,): pass them only when accepted
             payload = ()
@@ -186,7 +186,8 @@ def run_event(
             socketio.sleep,
             fresh,
         )
-        return runtime.chain_for(name)(event)
+        chain = runtime.lifecycle_chain if name in LIFECYCLE else runtime.chain
+        return chain(event)
     except SocketIORefused:
         raise
     except ConnectionRefusedError as exc:

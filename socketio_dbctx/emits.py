@@ -67,39 +67,29 @@ def install(server: Any) -> None:
         **kwargs: Any,
     ) -> Any:
         scope = current_scope()
-        if scope is None or not scope.defer or _IMMEDIATE.get():
-            return emit(
-                event,
-                data,
-                to=to,
-                room=room,
-                skip_sid=skip_sid,
-                namespace=namespace,
-                callback=callback,
-                ignore_queue=ignore_queue,
-                **kwargs,
-            )
+        held = scope is not None and scope.defer and not _IMMEDIATE.get()
         namespace = namespace or "/"
-        if ignore_queue or not isinstance(server.manager, PubSubManager):
+        if held and (ignore_queue or not isinstance(server.manager, PubSubManager)):
             # capture who is addressed now; nobody left means nothing to send
             sids = _members(server, namespace, to or room, skip_sid)
             if not sids:
                 return None
             to, room, skip_sid = sids, None, None
-        scope.hold(
-            functools.partial(
-                emit,
-                event,
-                data,
-                to=to,
-                room=room,
-                skip_sid=skip_sid,
-                namespace=namespace,
-                callback=callback,
-                ignore_queue=ignore_queue,
-                **kwargs,
-            )
+        send = functools.partial(
+            emit,
+            event,
+            data,
+            to=to,
+            room=room,
+            skip_sid=skip_sid,
+            namespace=namespace,
+            callback=callback,
+            ignore_queue=ignore_queue,
+            **kwargs,
         )
+        if not held:
+            return send()
+        scope.hold(send)  # type: ignore[union-attr]
         return None
 
     def immediate_call(*args: Any, **kwargs: Any) -> Any:

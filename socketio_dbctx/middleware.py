@@ -181,7 +181,7 @@ def transaction(rest: Step) -> Step:
             result = rest(event)
             if settings.commit_on_success:
                 commit(scope)
-            held = scope.take_held()
+            held = scope.take_held() if scope.held else None
         if held:  # after the commit and the close, before the ack; failures are logged
             release(held, event.state.metrics.after_commit_failed)
         return result

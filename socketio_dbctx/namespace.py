@@ -35,6 +35,7 @@ class DBContextNamespace(NamespaceSettings, Namespace):  # type: ignore[misc]
     def __init__(self, namespace: str | None = None) -> None:
         super().__init__(namespace)
         self._dbctx_runtimes: RuntimeCache | None = None
+        self._dbctx_handle: Any = None  # Flask-SocketIO's own _handle_event, once known
 
     @property
     def db_session(self) -> Session:
@@ -60,4 +61,7 @@ class DBContextNamespace(NamespaceSettings, Namespace):  # type: ignore[misc]
         def wrapped(*payload: Any) -> Any:
             return run_event(runtimes, socketio, namespace, event, sid, handler, payload, fresh)
 
-        return original_handle_event(socketio)(wrapped, event, namespace, *args)
+        handle = self._dbctx_handle
+        if handle is None:
+            handle = self._dbctx_handle = original_handle_event(socketio)
+        return handle(wrapped, event, namespace, *args)
