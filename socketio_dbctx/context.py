@@ -47,7 +47,7 @@ class Scope:
     :ivar defer: emits in this scope are held until it ends successfully.
     """
 
-    __slots__ = ("defer", "event", "held", "label", "source", "token", "unsaved")
+    __slots__ = ("defer", "event", "held", "label", "source", "token", "unsaved", "used")
 
     def __init__(
         self,
@@ -65,6 +65,9 @@ class Scope:
         self.held: list[Callable[[], Any]] | None = None
         #: a flush wrote rows that no COMMIT has saved yet
         self.unsaved = False
+        #: a session of ours began a transaction in this scope (so there may be
+        #: something to commit); a scope that never touched the database skips it
+        self.used = False
 
     def hold(self, send: Callable[[], Any]) -> None:
         """Keep ``send`` until the scope has committed; dropped if it fails."""
@@ -121,6 +124,12 @@ def _on_committed(session: Session) -> None:
             scope.event.committed = True
 
 
+def _on_transaction(session: Session, transaction: Any) -> None:
+    scope = _current.get()
+    if scope is not None:
+        scope.used = True
+
+
 def _on_flushed(session: Session, flush_context: Any) -> None:
     scope = _current.get()
     if scope is not None:
@@ -138,6 +147,7 @@ def follow_commits(factory: Any) -> None:
         sa_event.listen(factory, "before_commit", _on_commit_start)
         sa_event.listen(factory, "after_commit", _on_committed)
         sa_event.listen(factory, "after_flush", _on_flushed)
+        sa_event.listen(factory, "after_transaction_create", _on_transaction)
 
 
 def current_scope() -> Scope | None:
@@ -234,6 +244,8 @@ def commit(scope: Scope) -> None:
     failures) happen before the COMMIT round trip, so a failure during the COMMIT
     itself is known to be one whose outcome is uncertain.
     """
+    if not scope.used:  # no transaction ever began: nothing to commit, no session to ask
+        return
     session = scope.active_session()
     if session is not None and session.in_transaction():
         session.flush()

@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from .acks import error_code, error_payload, log_failure
 from .context import commit, open_scope, release
 from .errors import BusyError, ContextSetupError
-from .retry import run_with_retries
+from .retry import retry_after
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -152,7 +152,10 @@ def retry(rest: Step) -> Step:
     """Run the rest of the chain again after a transient failure."""
 
     def step(event: Event) -> Any:
-        return run_with_retries(event, rest)
+        try:
+            return rest(event)
+        except Exception as exc:
+            return retry_after(event, rest, exc)
 
     return step
 

@@ -20,7 +20,7 @@ from .transient import is_rolled_back, is_transient
 if TYPE_CHECKING:
     from .pipeline import Event, Step
 
-__all__ = ["backoff", "max_retries_of", "run_with_retries", "should_retry"]
+__all__ = ["backoff", "max_retries_of", "retry_after", "should_retry"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,25 +88,23 @@ def max_retries_of(event: Event) -> int:
     return int(options.get("max_retries", event.settings.max_retries))
 
 
-def run_with_retries(event: Event, rest: Step) -> Any:
-    """Run ``rest(event)``; after a transient failure that :func:`should_retry`
-    allows, run it again with backoff, up to :func:`max_retries_of` more times.
+def retry_after(event: Event, rest: Step, first: Exception) -> Any:
+    """``rest(event)`` failed with ``first``: when :func:`should_retry` allows it, run
+    it again with backoff, up to :func:`max_retries_of` more times; else re-raise.
+    (The first attempt runs in the pipeline's retry step, outside tenacity, so that
+    success, the common case, costs nothing here.)
 
     :raises RetryExhaustedError: when every attempt failed transiently.
     """
     options = event.options
-    try:
-        return rest(event)
-    except Exception as exc:
-        max_retries = max_retries_of(event)
-        if max_retries == 0 or not should_retry(
-            exc,
-            phase=event.phase,
-            idempotent=options.get("idempotent", False),
-            committed=event.committed,
-        ):
-            raise
-        first = exc
+    max_retries = max_retries_of(event)
+    if max_retries == 0 or not should_retry(
+        first,
+        phase=event.phase,
+        idempotent=options.get("idempotent", False),
+        committed=event.committed,
+    ):
+        raise first
     retrying = Retrying(
         stop=stop_after_attempt(max_retries + 1),
         wait=backoff(
