@@ -121,19 +121,6 @@ class Admission:
         if self.per_client and sid is not None:
             self._clients[sid] = self._clients.get(sid, 0) + 1
 
-    def _give_back(self, sid: str | None) -> None:
-        process = self.process
-        with process.lock:
-            process.running -= 1
-            if self.per_client and sid is not None:
-                left = self._clients[sid] - 1
-                if left:
-                    self._clients[sid] = left
-                else:
-                    del self._clients[sid]  # per-sid state lives only while it runs events
-            if process.waiters:
-                process.settle()
-
     def _wait(self, sid: str | None) -> None:
         process = self.process
         with process.lock:
@@ -169,5 +156,14 @@ class Admission:
             self._wait(sid)
         try:
             return call(*args)
-        finally:
-            self._give_back(sid)
+        finally:  # self._give_back(sid), inlined
+            with process.lock:
+                process.running -= 1
+                if per_client and sid is not None:
+                    left = self._clients[sid] - 1
+                    if left:
+                        self._clients[sid] = left
+                    else:
+                        del self._clients[sid]  # per-sid state lives only while it runs
+                if process.waiters:
+                    process.settle()

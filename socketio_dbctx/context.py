@@ -41,24 +41,47 @@ logger = logging.getLogger(__name__)
 
 
 class Scope:
-    """What a running scope knows: its session (made on first use), for Socket.IO
-    events the event, and the sends held until it commits.
+    """A fresh app context and a scope in it, undone on the way out; what the running
+    scope knows: its session (made on first use), for Socket.IO events the event, and
+    the sends held until it commits.
 
+    ``with Scope(app, source, event=..., label=...) as scope:`` (also spelled
+    :data:`open_scope`). The session (if one was made) is rolled back when the block
+    raises, and is always closed and removed; nothing is committed here (see
+    :func:`commit`). A class rather than a generator, and one object rather than two:
+    it runs once per event.
+
+    :param fresh_context: the active app context was made for this scope alone (by
+        Flask-SocketIO for this event), so it is already fresh and need not be doubled.
     :ivar defer: emits in this scope are held until it ends successfully.
     """
 
-    __slots__ = ("defer", "event", "held", "label", "source", "token", "unsaved", "used")
+    __slots__ = (
+        "_ctx",
+        "_var_token",
+        "defer",
+        "event",
+        "held",
+        "label",
+        "source",
+        "token",
+        "unsaved",
+        "used",
+    )
 
     def __init__(
         self,
+        app: Flask,
         source: SessionSource,
-        token: Any,
-        event: Event | None,
-        label: str | None,
+        *,
+        event: Event | None = None,
+        label: str | None = None,
+        fresh_context: bool = False,
         defer: bool = False,
     ) -> None:
+        self._ctx = None if fresh_context else app.app_context()
         self.source = source
-        self.token = token
+        self.token: Any = None
         self.event = event
         self.label = label
         self.defer = defer
@@ -68,6 +91,38 @@ class Scope:
         #: a session of ours began a transaction in this scope (so there may be
         #: something to commit); a scope that never touched the database skips it
         self.used = False
+
+    def __enter__(self) -> Scope:
+        ctx = self._ctx
+        if ctx is not None:
+            ctx.push()
+        try:
+            self.token = self.source.open()
+            self._var_token = _current.set(self)
+        except BaseException:
+            if ctx is not None:
+                ctx.pop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            try:
+                if exc_type is not None:
+                    session = self.active_session()
+                    if session is not None:
+                        _rollback(session)
+            finally:
+                _current.reset(self._var_token)
+                self.source.close(self.token)
+        finally:
+            if self._ctx is not None:
+                self._ctx.pop()
 
     def hold(self, send: Callable[[], Any]) -> None:
         """Keep ``send`` until the scope has committed; dropped if it fails."""
@@ -176,65 +231,9 @@ def _rollback(session: Session) -> None:
         logger.debug("rollback failed", exc_info=True)
 
 
-class open_scope:
-    """Push a fresh app context, open a scope, and undo both on the way out.
-
-    ``with open_scope(app, source, event=..., label=...) as scope:``. The session (if
-    one was made) is rolled back when the block raises, and is always closed and
-    removed; nothing is committed here (see :func:`commit`). A class rather than a
-    generator: it runs once per event, and this is measurably cheaper.
-    """
-
-    __slots__ = ("_ctx", "_var_token", "scope")
-
-    def __init__(
-        self,
-        app: Flask,
-        source: SessionSource,
-        *,
-        event: Event | None = None,
-        label: str | None = None,
-        fresh_context: bool = False,
-        defer: bool = False,
-    ) -> None:
-        # fresh_context: the active app context was made for this scope alone (by
-        # Flask-SocketIO for this event), so it is already fresh and need not be doubled.
-        self._ctx = None if fresh_context else app.app_context()
-        self.scope = Scope(source, None, event, label, defer)
-
-    def __enter__(self) -> Scope:
-        ctx = self._ctx
-        if ctx is not None:
-            ctx.push()
-        try:
-            scope = self.scope
-            scope.token = scope.source.open()
-            self._var_token = _current.set(scope)
-        except BaseException:
-            if ctx is not None:
-                ctx.pop()
-            raise
-        return scope
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        scope = self.scope
-        try:
-            try:
-                if exc_type is not None:
-                    session = scope.active_session()
-                    if session is not None:
-                        _rollback(session)
-            finally:
-                _current.reset(self._var_token)
-                scope.source.close(scope.token)
-        finally:
-            if self._ctx is not None:
-                self._ctx.pop()
+#: ``with open_scope(app, source, event=..., label=...) as scope:`` pushes a fresh app
+#: context and opens a :class:`Scope` (one object: this runs once per event).
+open_scope = Scope
 
 
 def commit(scope: Scope) -> None:

@@ -153,10 +153,13 @@ def run_event(
     name: str,
     sid: str | None,
     handler: Callable[..., Any],
-    payload: tuple[Any, ...],
     fresh: bool,
+    *payload: Any,
 ) -> Any:
     """Run one event through its namespace's pipeline; return the ack.
+
+    Bound with ``functools.partial`` to everything but ``payload``, it is the handler
+    Flask-SocketIO calls (a partial adds no Python frame).
 
     Called inside Flask-SocketIO's request context for the event (``request.sid``,
     ``request.namespace`` and ``request.event`` are set).

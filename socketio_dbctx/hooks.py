@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from functools import partial
 from typing import Any, Callable
 
 from flask import has_app_context
@@ -78,9 +79,7 @@ class EventHooks:
         runtimes = self.runtimes(namespace)
         fresh = not has_app_context()
 
-        def piped(*payload: Any) -> Any:
-            return run_event(runtimes, socketio, namespace, message, sid, handler, payload, fresh)
-
+        piped = partial(run_event, runtimes, socketio, namespace, message, sid, handler, fresh)
         return self.original(piped, message, namespace, sid, *args)
 
     def adopt_namespaces(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from flask import has_app_context
@@ -58,9 +59,7 @@ class DBContextNamespace(NamespaceSettings, Namespace):  # type: ignore[misc]
         fresh = not has_app_context()
         sid = args[0] if args else None  # python-socketio passes the sid first
 
-        def wrapped(*payload: Any) -> Any:
-            return run_event(runtimes, socketio, namespace, event, sid, handler, payload, fresh)
-
+        wrapped = partial(run_event, runtimes, socketio, namespace, event, sid, handler, fresh)
         handle = self._dbctx_handle
         if handle is None:
             handle = self._dbctx_handle = original_handle_event(socketio)
