@@ -191,18 +191,29 @@ def _on_flushed(session: Session, flush_context: Any) -> None:
         scope.unsaved = True
 
 
+_FOLLOWED = "_socketio_dbctx_followed"
+
+
 def follow_commits(factory: Any) -> None:
-    """Mark the commit phase of events on the sessions ``factory`` makes.
+    """Follow the sessions ``factory`` makes: the commit phase of events, writes not
+    yet committed, whether a transaction began in the scope.
 
     ``factory`` is a ``sessionmaker`` or ``scoped_session``: SQLAlchemy attaches the
     listeners to that maker's own ``Session`` subclass, so sessions made elsewhere in
-    the process never run them. Idempotent.
+    the process never run them. Idempotent: the subclass itself is marked, because
+    ``event.contains()`` keys on ``id()`` and can answer for a collected class whose id
+    a new one reuses.
     """
-    if not sa_event.contains(factory, "before_commit", _on_commit_start):
-        sa_event.listen(factory, "before_commit", _on_commit_start)
-        sa_event.listen(factory, "after_commit", _on_committed)
-        sa_event.listen(factory, "after_flush", _on_flushed)
-        sa_event.listen(factory, "after_transaction_create", _on_transaction)
+    maker = getattr(factory, "session_factory", factory)
+    cls = getattr(maker, "class_", None)
+    if cls is not None and cls.__dict__.get(_FOLLOWED):
+        return
+    sa_event.listen(factory, "before_commit", _on_commit_start)
+    sa_event.listen(factory, "after_commit", _on_committed)
+    sa_event.listen(factory, "after_flush", _on_flushed)
+    sa_event.listen(factory, "after_transaction_create", _on_transaction)
+    if cls is not None:
+        setattr(cls, _FOLLOWED, True)
 
 
 def current_scope() -> Scope | None:

@@ -60,10 +60,6 @@ class Runtime:
         self.chain: Step = build_chain((errors, middleware.admission(admission), *inner))
         self.lifecycle_chain: Step = build_chain((errors, *inner))
 
-    def chain_for(self, name: str) -> Step:
-        """The chain an event called ``name`` runs through."""
-        return self.lifecycle_chain if name in LIFECYCLE else self.chain
-
 
 class RuntimeCache:
     """The runtimes of one namespace, by app (weakly: an app that goes away frees its).
