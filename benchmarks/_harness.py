@@ -48,17 +48,18 @@ NAMESPACE = "/l"  # tests/servers/load.py's
 START_TIMEOUT = 30.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-PACKAGES = (
+#: The stack every benchmark reports; each adds what else it runs on.
+CORE_PACKAGES = (
+    "socketio-dbctx",
     "Flask",
     "Flask-SocketIO",
     "Flask-SQLAlchemy",
     "SQLAlchemy",
     "python-socketio",
     "python-engineio",
-    "eventlet",
-    "gevent",
-    "psycopg2-binary",
+    "Werkzeug",
 )
+PACKAGES = (*CORE_PACKAGES, "eventlet", "gevent", "psycopg2-binary")
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -60,17 +60,6 @@ EVENT = "bench"
 SIDES = ("plain", "dbctx")
 CHILD_TIMEOUT = 1800.0
 
-PACKAGES = (
-    "socketio-dbctx",
-    "Flask",
-    "Flask-SocketIO",
-    "Flask-SQLAlchemy",
-    "SQLAlchemy",
-    "python-socketio",
-    "python-engineio",
-    "Werkzeug",
-)
-
 
 # -- handlers -----------------------------------------------------------------------------
 
@@ -309,13 +298,13 @@ def library_state() -> str:
 
 
 def header(args: argparse.Namespace, warmup: int) -> None:
-    from _harness import package_versions
+    from _harness import CORE_PACKAGES, package_versions
 
     print("# socketio_dbctx per-event cost in instructions\n")
     print(f"- Python {platform.python_version()} ({platform.python_implementation()})")
     print(f"- platform: {platform.platform()}; machine {platform.machine()}")
     print(f"- {valgrind_version()}; SQLite library {sqlite3.sqlite_version}")
-    print(f"- packages: {package_versions(PACKAGES)}")
+    print(f"- packages: {package_versions(CORE_PACKAGES)}")
     print(f"- socketio_dbctx source: {library_state()}")
     print(f"- command: {shlex.join(['python', *sys.argv])}")
     example = valgrind_command(Run("dbctx", "pk", args.events), Path("OUT"), warmup)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from _harness import bench_item_model, package_versions
+from _harness import CORE_PACKAGES, bench_item_model, package_versions
 from flask import Flask, has_app_context
 from flask_socketio import Namespace, SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -64,18 +64,7 @@ POSTGRES_URL = os.environ.get(
 HANDLERS: dict[str, tuple[float, float]] = {"no-op": (1.35, 1.0), "PK lookup": (1.10, 0.5)}
 EVENT_OF = {"no-op": "noop", "PK lookup": "pk"}
 
-PACKAGES = (
-    "socketio-dbctx",
-    "Flask",
-    "Flask-SocketIO",
-    "Flask-SQLAlchemy",
-    "SQLAlchemy",
-    "python-socketio",
-    "python-engineio",
-    "Werkzeug",
-    "tenacity",
-    "psycopg2-binary",
-)
+PACKAGES = (*CORE_PACKAGES, "tenacity", "psycopg2-binary")
 
 
 # -- the app under test -------------------------------------------------------------------

@@ -499,25 +499,17 @@ def register(
         return ns_object
     if error is not None:
         raise ValueError("a namespace error() is for class ways")
-    if way == "dbctx_on":
-        # half through the decorator, half through the non-decorator form
-        for index, (name, body) in enumerate(events.items()):
-            if index % 2:
-                dbctx.on_event(name, body, namespace=namespace)
-            else:
-                dbctx.on(name, namespace=namespace)(body)
-        if catch_all:
-            dbctx.on("*", namespace=ANY_NS)(any_event)
-            dbctx.on_event("where", where, namespace="*")
-    else:
-        for index, (name, body) in enumerate(events.items()):
-            if index % 2:
-                socketio.on_event(name, body, namespace=namespace)
-            else:
-                socketio.on(name, namespace=namespace)(body)
-        if catch_all:
-            socketio.on("*", namespace=ANY_NS)(any_event)
-            socketio.on_event("where", where, namespace="*")
+    # dbctx.on / on_event take socketio.on / on_event's arguments: one registration
+    registrar: Any = dbctx if way == "dbctx_on" else socketio
+    # half through the decorator, half through the non-decorator form
+    for index, (name, body) in enumerate(events.items()):
+        if index % 2:
+            registrar.on_event(name, body, namespace=namespace)
+        else:
+            registrar.on(name, namespace=namespace)(body)
+    if catch_all:
+        registrar.on("*", namespace=ANY_NS)(any_event)
+        registrar.on_event("where", where, namespace="*")
     function_owner = FunctionOwner(socketio, namespace)
     app_env.owners[namespace] = function_owner
     if catch_all:
