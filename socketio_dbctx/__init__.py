@@ -34,14 +34,22 @@ The modules form layers; each imports only from its own layer or those below it
 from __future__ import annotations
 
 from .config import NamespaceSettings
-from .decorators import idempotent, no_retry, retry_policy
+from .decorators import (
+    idempotency_key,
+    idempotent,
+    no_retry,
+    retry_policy,
+    statement_timeout,
+)
 from .emits import immediate_emits
 from .errors import (
     BusyError,
     ContextSetupError,
     DatabaseUnavailableError,
     InvalidRequestError,
+    OutcomeUnknownError,
     RetryExhaustedError,
+    StatementTimeoutError,
     WebSocketContextError,
 )
 from .extension import DBContext
@@ -81,15 +89,19 @@ __all__ = [
     "MonitorNamespace",
     "MonitorPayload",
     "NamespaceSettings",
+    "OutcomeUnknownError",
     "PeriodicTask",
     "PoolStatus",
     "RetryExhaustedError",
+    "StatementTimeoutError",
     "WebSocketContextError",
     "WebSocketContextHelper",
     "__version__",
+    "idempotency_key",
     "idempotent",
     "immediate_emits",
     "is_transient",
     "no_retry",
     "retry_policy",
+    "statement_timeout",
 ]

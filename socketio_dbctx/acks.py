@@ -2,7 +2,8 @@
 
 Every failed event the client asked an ack for is answered with an
 :class:`~socketio_dbctx.shapes.ErrorAck`, ``{"error": code, "message": text,
-"retryable": bool}``, where ``code`` is one of :data:`ERROR_CODES`. This module is
+"retryable": bool}``, where ``code`` is one of :data:`ERROR_CODES`; a ``busy`` ack also
+carries ``retry_after_ms``. This module is
 the one place that maps exceptions to codes, texts and log levels.
 """
 
@@ -16,12 +17,21 @@ from .errors import (
     BusyError,
     DatabaseUnavailableError,
     InvalidRequestError,
+    OutcomeUnknownError,
     RetryExhaustedError,
+    StatementTimeoutError,
 )
 from .shapes import ErrorAck
-from .transient import is_connection_error
+from .transient import is_connection_error, is_statement_timeout
 
-__all__ = ["ERROR_CODES", "MESSAGES", "error_code", "error_payload", "log_failure"]
+__all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "ERROR_CODES",
+    "MESSAGES",
+    "error_code",
+    "error_payload",
+    "log_failure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +39,9 @@ logger = logging.getLogger(__name__)
 MESSAGES = {
     "invalid_request": "The request was not valid.",
     "busy": "The server is busy; try again shortly.",
+    "timeout": "The database took too long; nothing was applied.",
     "db_unavailable": "The database is unavailable right now.",
+    "outcome_unknown": "The connection was lost while saving; it may or may not be applied.",
     "internal_error": "The server could not process this event.",
 }
 
@@ -43,17 +55,29 @@ def error_code(exc: BaseException) -> str:
         return "invalid_request"
     if isinstance(exc, (BusyError, sa_exc.TimeoutError)):
         return "busy"
+    if isinstance(exc, StatementTimeoutError) or is_statement_timeout(exc):
+        return "timeout"
+    if isinstance(exc, OutcomeUnknownError):
+        return "outcome_unknown"
     if isinstance(exc, DatabaseUnavailableError) or is_connection_error(exc):
         return "db_unavailable"
     return "internal_error"
 
 
-def error_payload(exc: BaseException, *, expose: bool) -> ErrorAck:
+#: ``retry_after_ms`` of a ``busy`` ack when nobody knows better.
+DEFAULT_RETRY_AFTER = 0.5
+
+
+def error_payload(
+    exc: BaseException, *, expose: bool, retry_after: float | None = None
+) -> ErrorAck:
     """The ack for a failed event.
 
     :param exc: what the event raised.
     :param expose: add the exception type and text under ``"detail"``
         (``DBCTX_EXPOSE_ERRORS``; for development only).
+    :param retry_after: for ``busy``, the caller's estimate in seconds of when a retry
+        may be admitted; a :class:`~socketio_dbctx.BusyError`'s own hint wins.
     """
     code = error_code(exc)
     # An InvalidRequestError is written for the client (by us or by the handler).
@@ -63,6 +87,11 @@ def error_payload(exc: BaseException, *, expose: bool) -> ErrorAck:
         "message": message,
         "retryable": code == "busy" or isinstance(exc, RetryExhaustedError),
     }
+    if code == "busy":
+        hint = getattr(exc, "retry_after", None)
+        if hint is None:
+            hint = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+        payload["retry_after_ms"] = max(1, round(hint * 1000))
     if expose:
         payload["detail"] = f"{type(exc).__name__}: {exc}"
     return payload
@@ -73,7 +102,7 @@ def log_failure(key: str, sid: str | None, exc: BaseException) -> None:
     code = error_code(exc)
     if code == "invalid_request":
         logger.info("%s from sid %s rejected: %s", key, sid, exc)
-    elif code == "busy":
+    elif code in ("busy", "timeout"):
         logger.warning("%s for sid %s answered busy: %s", key, sid, exc)
     else:
         logger.error("%s for sid %s failed (%s)", key, sid, code, exc_info=exc)

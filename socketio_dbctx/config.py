@@ -140,6 +140,9 @@ class Settings:
     defer_emits: bool = _setting(True, _bool)
     wrap_all_handlers: bool = _setting(False, _bool)
     cluster_redis_url: str | None = _setting(None, _redis_url)
+    statement_timeout: float | None = _setting(None, _number(0, above=True, optional=True))
+    idempotency_ttl: float = _setting(86400, _number(0, above=True))
+    drain_timeout: float = _setting(30.0, _number(0))
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -167,6 +170,7 @@ class NamespaceSettings:
     queue_timeout: float | None = None
     retry_delay: float | None = None
     retry_max_delay: float | None = None
+    statement_timeout: float | None = None
 
     def setting_overrides(self) -> dict[str, Any]:
         """This object's overrides by setting name (``None``: not overridden)."""

@@ -1,14 +1,28 @@
-"""Per-handler retry options: ``@no_retry``, ``@idempotent``, ``@retry_policy``."""
+"""Per-handler options: ``@no_retry``, ``@idempotent``, ``@retry_policy``,
+``@statement_timeout``, ``@idempotency_key``."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
 from .config import Settings
+from .errors import ContextSetupError
 
-__all__ = ["OPTIONS_ATTR", "handler_options", "idempotent", "no_retry", "retry_policy"]
+__all__ = [
+    "OPTIONS_ATTR",
+    "KeyFunc",
+    "handler_options",
+    "idempotency_key",
+    "idempotent",
+    "no_retry",
+    "retry_policy",
+    "statement_timeout",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Finds the client's idempotency key in an event's payload: ``key(*payload)``.
+KeyFunc = Callable[..., Any]
 
 #: The attribute the decorators set on the handler function.
 OPTIONS_ATTR = "__dbctx_options__"
@@ -46,6 +60,48 @@ def retry_policy(
 
     def decorate(func: F) -> F:
         return _mark(func, **{k: v for k, v in values.items() if v is not None})
+
+    return decorate
+
+
+def statement_timeout(seconds: float | None) -> Callable[[F], F]:
+    """Bound every statement of this handler's transaction on the server.
+
+    Overrides the namespace attribute and ``DBCTX_STATEMENT_TIMEOUT``; ``None`` turns
+    the bound off for this handler. Inside a namespace class that also sets a
+    ``statement_timeout`` attribute, spell it ``@socketio_dbctx.statement_timeout(...)``:
+    the attribute shadows the decorator's name in the class body.
+
+    :param seconds: the bound, > 0, or None.
+    :raises ContextSetupError: for a value that is not a positive number or None.
+    """
+    Settings(statement_timeout=seconds)  # validate now, at import time of the handler
+
+    def decorate(func: F) -> F:
+        return _mark(func, statement_timeout=seconds)
+
+    return decorate
+
+
+def idempotency_key(key: KeyFunc) -> Callable[[F], F]:
+    """Make repeats of this handler with the same client key answer with the stored ack.
+
+    ``key`` receives the event's payload (as the handler does, without ``self``) and
+    returns the key: a non-empty string of at most 255 characters or an int; ``None``
+    means the request has no key and runs as usual. The first successful run stores
+    its ack in the same transaction as its work; a repeat of the key (same namespace
+    and event, any client, any worker) gets that ack without running the handler.
+
+    :param key: e.g. ``lambda data: data.get("request_id")``.
+    """
+    if not callable(key):
+        raise ContextSetupError(
+            f"idempotency_key() takes a function of the payload, got {key!r}; "
+            "e.g. @idempotency_key(lambda data: data['request_id'])"
+        )
+
+    def decorate(func: F) -> F:
+        return _mark(func, idempotency_key=key)
 
     return decorate
 

@@ -5,9 +5,11 @@ Exception tree::
     WebSocketContextError(Exception)                  base of everything raised here
      +- ContextSetupError                              no session/db configured, bad config
      +- InvalidRequestError(..., ValueError)           bad arguments from the client
-     +- BusyError                                      admission or pool checkout timed out
+     +- BusyError                                      admission or checkout timed out, draining
+     +- StatementTimeoutError                          DBCTX_STATEMENT_TIMEOUT cut a statement
      +- DatabaseUnavailableError(..., RuntimeError)    connection problems
          +- RetryExhaustedError                        .attempts, .last_exception
+         +- OutcomeUnknownError                        COMMIT sent, answer lost, unresolved
 
 Which error code each exception is answered with lives in :mod:`socketio_dbctx.acks`.
 """
@@ -19,7 +21,9 @@ __all__ = [
     "ContextSetupError",
     "DatabaseUnavailableError",
     "InvalidRequestError",
+    "OutcomeUnknownError",
     "RetryExhaustedError",
+    "StatementTimeoutError",
     "WebSocketContextError",
 ]
 
@@ -41,7 +45,21 @@ class InvalidRequestError(WebSocketContextError, ValueError):
 
 
 class BusyError(WebSocketContextError):
-    """The event waited too long for admission or for a pooled connection."""
+    """The event waited too long for admission or for a pooled connection, or the
+    server is draining. Raise it from a handler to answer ``busy``.
+
+    :param retry_after: seconds after which a retry has a fair chance; sent to the
+        client as ``retry_after_ms`` (without it the library estimates one).
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StatementTimeoutError(WebSocketContextError):
+    """A statement ran past the event's statement timeout and was cancelled; the
+    transaction was rolled back. Never retried: the same work would time out again."""
 
 
 class DatabaseUnavailableError(WebSocketContextError, RuntimeError):
@@ -62,3 +80,8 @@ class RetryExhaustedError(DatabaseUnavailableError):
         )
         self.attempts = attempts
         self.last_exception = last_exception
+
+
+class OutcomeUnknownError(DatabaseUnavailableError):
+    """The connection was lost after COMMIT was sent, and whether it was applied could
+    not be found out. Not retryable blindly: check, or use an idempotency key."""

@@ -110,4 +110,5 @@ class ErrorAck(TypedDict):
     error: str
     message: str
     retryable: bool
+    retry_after_ms: NotRequired[int]
     detail: NotRequired[str]

@@ -526,6 +526,10 @@ DESIGN_NAMES = {
     "BusyError",
     "DatabaseUnavailableError",
     "RetryExhaustedError",
+    "OutcomeUnknownError",
+    "StatementTimeoutError",
+    "statement_timeout",
+    "idempotency_key",
 }
 
 #: Types of objects the API hands out (the middleware's ``event``, the periodic task
