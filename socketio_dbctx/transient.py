@@ -74,7 +74,9 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def _orig(exc: BaseException) -> BaseException:
-    return exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    # The driver's error; SQLAlchemy types ``orig`` as optional.
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else None
+    return orig if orig is not None else exc
 
 
 def mysql_code(exc: BaseException) -> int | None:
