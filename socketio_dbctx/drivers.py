@@ -3,7 +3,9 @@
 Under eventlet or gevent a blocking driver stalls the whole process while it waits
 for the database. ``eventlet.monkey_patch()`` makes
 psycopg2 cooperative; under gevent psycopg2 needs ``psycogreen``; psycopg 3 has no
-such patch for either.
+such patch for either. For MySQL/MariaDB, PyMySQL is pure Python (its sockets are
+green once monkey-patched); mysqlclient (``MySQLdb``) and MariaDB Connector/Python
+wait inside C, where no monkey patching reaches.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from sqlalchemy.engine import Engine
 __all__ = ["check_green_driver", "enforce_connect_timeout", "green_driver_problem"]
 
 logger = logging.getLogger(__name__)
+
+
+#: MySQL/MariaDB drivers (SQLAlchemy's name -> what users install) that wait for the
+#: server inside C code, out of reach of eventlet's and gevent's monkey patching.
+_BLOCKING_MYSQL_DRIVERS = {
+    "mysqldb": "mysqlclient (MySQLdb)",
+    "mariadbconnector": "MariaDB Connector/Python (mariadb)",
+}
 
 
 def green_driver_problem(engine: Engine, async_mode: str | None) -> str | None:
@@ -40,6 +50,12 @@ def green_driver_problem(engine: Engine, async_mode: str | None) -> str | None:
         return (
             f"psycopg 3 blocks the whole process under {async_mode}; use psycopg2 "
             f"(monkey-patched) or the threading async mode"
+        )
+    if driver in _BLOCKING_MYSQL_DRIVERS:
+        return (
+            f"{_BLOCKING_MYSQL_DRIVERS[driver]} blocks the whole process under {async_mode}; "
+            f"use PyMySQL (mysql+pymysql://, pure Python, green once monkey-patched) or the "
+            f"threading async mode"
         )
     return None
 

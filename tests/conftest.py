@@ -1,8 +1,9 @@
 """Shared fixtures.
 
-Services: ``DBCTX_TEST_POSTGRES_URL`` / ``DBCTX_TEST_REDIS_URL`` (defaults: the local
-servers). A test that needs an unreachable service is skipped with the reason, unless
-``DBCTX_REQUIRE_SERVICES=1`` (set by ``.ci/run``), where it fails instead.
+Services: ``DBCTX_TEST_POSTGRES_URL`` / ``DBCTX_TEST_MYSQL_URL`` (MariaDB or MySQL) /
+``DBCTX_TEST_REDIS_URL`` (defaults: the local servers). A test that needs an unreachable
+service is skipped with the reason, unless ``DBCTX_REQUIRE_SERVICES=1`` (set by
+``.ci/run``), where it fails instead.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from server_launch import HTTP, server_command, wait_ready
 POSTGRES_URL = os.environ.get(
     "DBCTX_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
+MYSQL_URL = os.environ.get("DBCTX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 REDIS_URL = os.environ.get("DBCTX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("DBCTX_REQUIRE_SERVICES") == "1"
 
@@ -39,8 +41,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that starts server processes carries the ``server`` marker, so
     ``-m "not server"`` leaves them all out whether or not its module says so."""
     for item in items:
-        if "server_factory" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "server_factory" in fixtures:
             item.add_marker(pytest.mark.server)
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if "mariadb_url" in fixtures or "mariadb" in (
+            params.get("database_url"),
+            params.get("server_database"),
+        ):
+            item.add_marker(pytest.mark.mysql)
 
 
 def _reachable(url: str, default_port: int) -> str | None:
@@ -67,6 +77,13 @@ def require_service(name: str, url: str, default_port: int) -> str:
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     return require_service("postgres", POSTGRES_URL, 5432)
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """The MariaDB/MySQL server's URL (its ``test`` database); tests use
+    :func:`mariadb_url`, a database of their own on it."""
+    return require_service("mysql", MYSQL_URL, 3306)
 
 
 @pytest.fixture(scope="session")
@@ -136,11 +153,63 @@ def schema_url(postgres_url: str, schema: str) -> str:
     return f"{postgres_url}{sep}options=-csearch_path%3D{schema}"
 
 
+def mysql_database_url(mysql_url: str, name: str) -> str:
+    """``mysql_url`` pointing at database ``name``."""
+    url = sa.engine.make_url(mysql_url).set(database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def create_mysql_database(mysql_url: str) -> str:
+    """Create a throw-away MariaDB/MySQL database; return its URL."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(mysql_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    finally:
+        engine.dispose()
+    return mysql_database_url(mysql_url, name)
+
+
+def drop_mysql_database(url: str) -> None:
+    """Drop the database of ``url`` (made by :func:`create_mysql_database`)."""
+    parsed = sa.engine.make_url(url)
+    engine = sa.create_engine(parsed.set(database=None), poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{parsed.database}`")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def mariadb_url(mysql_url: str) -> Iterator[str]:
+    """A throw-away MariaDB/MySQL database (``t_<random>``), dropped at teardown."""
+    url = create_mysql_database(mysql_url)
+    try:
+        yield url
+    finally:
+        drop_mysql_database(url)
+
+
+#: The databases :func:`database_url` knows; ``ALL_DATABASES`` runs a test on each.
+DATABASES = ("sqlite", "postgres", "mariadb")
+
+#: Run a test (one using ``database_url`` or the fixtures built on it: ``app``, ``db``,
+#: ``url``, ``Item``...) on SQLite, PostgreSQL and MariaDB alike.
+ALL_DATABASES = pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
-    """A database URL: a SQLite file, or a fresh schema on PostgreSQL."""
+    """A database URL: a SQLite file, a fresh schema on PostgreSQL, or (with
+    ``ALL_DATABASES`` or an indirect ``"mariadb"`` parameter) a fresh MariaDB database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/test.db"
+    if request.param == "mariadb":
+        return str(request.getfixturevalue("mariadb_url"))
+    if request.param != "postgres":
+        raise ValueError(f"unknown database {request.param!r}; one of {DATABASES}")
     url: str = request.getfixturevalue("postgres_url")
     return schema_url(url, request.getfixturevalue("pg_schema"))
 
@@ -361,22 +430,79 @@ def async_mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def server_database(request: pytest.FixtureRequest) -> str:
+    """The database ``server_factory`` starts servers on: ``"postgres"`` unless a test
+    says otherwise (``@pytest.mark.parametrize("server_database", ["mariadb"],
+    indirect=True)``; also ``"sqlite"``)."""
+    value = str(getattr(request, "param", "postgres"))
+    if value not in DATABASES:
+        raise ValueError(f"unknown server_database {value!r}; one of {DATABASES}")
+    return value
+
+
+class _ServerDatabases:
+    """The databases of one test's servers: the first is the test's own (``pg_schema``,
+    ``mariadb_url`` or a SQLite file); each further one is made here, dropped at
+    teardown. ``(url, name)`` pairs: ``name`` is the schema (PostgreSQL), else ''."""
+
+    def __init__(self, request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> None:
+        self.request = request
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.made: list[str] = []
+        self.count = 0
+
+    def first(self) -> tuple[str, str]:
+        # Requested here, inside server_factory's setup: pytest then stops the servers
+        # before it drops the schema or database.
+        if self.kind == "postgres":
+            postgres_url = self.request.getfixturevalue("postgres_url")
+            schema = self.request.getfixturevalue("pg_schema")
+            return schema_url(postgres_url, schema), schema
+        if self.kind == "mariadb":
+            return str(self.request.getfixturevalue("mariadb_url")), ""
+        return f"sqlite:///{self.tmp_path}/server.db", ""
+
+    def another(self) -> tuple[str, str]:
+        self.count += 1
+        if self.kind == "postgres":
+            postgres_url = self.request.getfixturevalue("postgres_url")
+            schema = create_schema(postgres_url)
+            self.made.append(schema)
+            return schema_url(postgres_url, schema), schema
+        if self.kind == "mariadb":
+            url = create_mysql_database(self.request.getfixturevalue("mysql_url"))
+            self.made.append(url)
+            return url, ""
+        return f"sqlite:///{self.tmp_path}/server-{self.count}.db", ""
+
+    def drop(self) -> None:
+        for made in self.made:
+            if self.kind == "postgres":
+                drop_schema(self.request.getfixturevalue("postgres_url"), made)
+            else:
+                drop_mysql_database(made)
+
+
+@pytest.fixture
 def server_factory(
-    postgres_url: str, pg_schema: str, tmp_path: Path
+    request: pytest.FixtureRequest, server_database: str, tmp_path: Path
 ) -> Iterator[Callable[..., ServerProcess]]:
     """Start ``python -m tests.servers.app`` processes; all are killed at teardown.
 
     ``server_factory(async_mode, plain=False, pool_size=5, max_overflow=0,
     pool_timeout=30.0, config=None, extra=(), message_queue=None,
-    share_schema_with=None)``: the first server uses the ``pg_schema`` schema, every
-    further one a schema of its own (dropped at teardown) unless
-    ``share_schema_with`` names a server whose tables to share (several workers).
-    ``config`` sets ``app.config`` keys; ``extra`` names modules whose
-    ``setup(app, socketio, db, dbctx, args)`` adds handlers. The server creates its
-    tables at start.
+    share_schema_with=None)``: servers run on ``server_database`` (PostgreSQL unless
+    the test parametrizes it). The first server uses the test's own schema
+    (``pg_schema``) or database (``mariadb_url``, a SQLite file), every further one a
+    schema or database of its own (dropped at teardown) unless ``share_schema_with``
+    names a server whose tables to share (several workers). ``config`` sets
+    ``app.config`` keys; ``extra`` names modules whose ``setup(app, socketio, db,
+    dbctx, args)`` adds handlers. The server creates its tables at start.
     """
     servers: list[ServerProcess] = []
-    extra_schemas: list[str] = []
+    databases = _ServerDatabases(request, server_database, tmp_path)
+    first = databases.first()
 
     def start(
         async_mode: str,
@@ -391,13 +517,11 @@ def server_factory(
         share_schema_with: ServerProcess | None = None,
     ) -> ServerProcess:
         if share_schema_with is not None:
-            schema = share_schema_with.schema
+            database_url, schema = share_schema_with.database_url, share_schema_with.schema
         elif servers:
-            schema = create_schema(postgres_url)
-            extra_schemas.append(schema)
+            database_url, schema = databases.another()
         else:
-            schema = pg_schema
-        database_url = schema_url(postgres_url, schema)
+            database_url, schema = first
         problem = ""
         for attempt in range(3):  # a free port can be taken before the server binds it
             port = free_port()
@@ -441,8 +565,7 @@ def server_factory(
     yield start
     for server in servers:
         server.stop()
-    for schema in extra_schemas:
-        drop_schema(postgres_url, schema)
+    databases.drop()
 
 
 @pytest.fixture
