@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import POOL_KEYS, checked_out, make_item_model, stored_names
+from conftest import ALL_DATABASES, POOL_KEYS, checked_out, make_item_model, stored_names
 from flask import Flask, has_app_context
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -286,6 +286,7 @@ def test_session_factory_must_be_a_sessionmaker(app, factory):
 # -- session_scope / run_in_context ------------------------------------------------------
 
 
+@ALL_DATABASES
 def test_session_scope_commits(app, db, dbctx, Item, url):
     with dbctx.session_scope() as session:
         assert session is db.session()
@@ -295,6 +296,7 @@ def test_session_scope_commits(app, db, dbctx, Item, url):
     assert checked_out(db, app) == 0
 
 
+@ALL_DATABASES
 def test_session_scope_rolls_back_and_reraises(app, db, dbctx, Item, url):
     error = RuntimeError("handler failed")
     with pytest.raises(RuntimeError) as info, dbctx.session_scope() as session:
@@ -443,6 +445,7 @@ def test_start_periodic_task_rejects_bad_arguments(app, db, dbctx, func, interva
 # -- pool status -------------------------------------------------------------------------
 
 
+@ALL_DATABASES
 def test_pool_status_shape_for_queue_pool(app, db, dbctx):
     status = dbctx.pool_status()
     assert set(status) == POOL_KEYS
@@ -591,6 +594,7 @@ def test_pool_status_binds_appear_by_name(tmp_path):
             engine.dispose()
 
 
+@ALL_DATABASES
 def test_pool_status_with_plain_session_factory(database_url):
     app = Flask("plain")
     engine = sa.create_engine(database_url, pool_size=3, max_overflow=1)
@@ -639,6 +643,7 @@ def test_pool_dicts_never_contain_password_or_url(postgres_url, tmp_path):
 # -- health check ------------------------------------------------------------------------
 
 
+@ALL_DATABASES
 def test_health_check_healthy(app, db, dbctx):
     result = dbctx.health_check()
     assert set(result) == {"healthy", "latency_ms", "error"}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import checked_out, stored_names
+from conftest import ALL_DATABASES, checked_out, stored_names
 from flask import Flask, request
 from flask_socketio import Namespace, SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -42,6 +42,7 @@ def dbctx(app: Flask, db: SQLAlchemy, socketio: SocketIO) -> DBContext:
 # -- @dbctx.on and on_event ----------------------------------------------------------------
 
 
+@ALL_DATABASES
 def test_function_handler_commits_before_the_ack_in_a_fresh_session(
     app, db, socketio, dbctx, Item, url
 ):
@@ -63,6 +64,7 @@ def test_function_handler_commits_before_the_ack_in_a_fresh_session(
     assert dbctx.metrics()[f"{NS}:add"]["count"] == 2
 
 
+@ALL_DATABASES
 def test_function_handler_failure_rolls_back_and_acks_a_payload(
     app, db, socketio, dbctx, Item, url
 ):

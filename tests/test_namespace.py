@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import socketio as python_socketio
 import sqlalchemy as sa
-from conftest import checked_out, stored_names
+from conftest import ALL_DATABASES, checked_out, stored_names
 from flask import Flask, has_app_context, request
 from flask.globals import app_ctx
 from flask_socketio import ConnectionRefusedError as SocketIORefused
@@ -55,6 +55,7 @@ def dbctx(app: Flask, db: SQLAlchemy, socketio: SocketIO) -> DBContext:
 # -- commit / rollback / acks ------------------------------------------------------------
 
 
+@ALL_DATABASES
 def test_commit_on_success_happens_before_the_ack(app, db, socketio, dbctx, Item, url):
     class Chat(DBContextNamespace):
         def on_add(self, data):
@@ -79,6 +80,7 @@ def test_commit_on_success_happens_before_the_ack(app, db, socketio, dbctx, Item
     assert checked_out(db, app) == 0
 
 
+@ALL_DATABASES
 def test_rollback_on_error_acks_internal_error_without_exception_text(
     app, db, socketio, dbctx, Item, url, caplog
 ):
@@ -127,6 +129,7 @@ def test_expose_errors_adds_detail(app, db, socketio, Item, url, how):
     assert checked_out(db, app) == 0
 
 
+@ALL_DATABASES
 def test_self_session_is_db_session_and_fresh_context(app, db, socketio, dbctx, Item):
     class Chat(DBContextNamespace):
         def on_probe(self):
@@ -157,6 +160,7 @@ def test_db_session_outside_an_event_raises(app, db, socketio, dbctx):
     [(Namespace, True, 1), (DBContextNamespace, False, 0)],
     ids=["plain_namespace_control", "dbcontext_namespace"],
 )
+@ALL_DATABASES
 def test_fresh_session_per_event_inside_outer_app_context(
     app, db, socketio, Item, url, base, expect_same_session, expect_checked_out
 ):
@@ -477,6 +481,7 @@ def test_failing_disconnect_handler_is_rolled_back_and_contained(
 # -- per-namespace overrides -------------------------------------------------------------
 
 
+@ALL_DATABASES
 def test_commit_on_success_false_stores_only_what_the_handler_commits(
     app, db, socketio, dbctx, Item, url
 ):
@@ -721,6 +726,7 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+@ALL_DATABASES
 def test_plain_sqlalchemy_sessionmaker(app, socketio, engine, url):
     DBContext(app, socketio, session_factory=sessionmaker(bind=engine))
     sessions: list[Any] = []
