@@ -1,0 +1,145 @@
+"""Real MariaDB/MySQL and SQLite failures for ``tests.servers.app``
+(``--extra tests.servers.db_faults``).
+
+Namespace ``/d`` (a ``DBContextNamespace``). Every handler counts its runs under
+``"<event>:<token>"`` (retries included) and stores one ``d_rows`` row keyed ``token``,
+so a test can tell how often the pipeline ran it and that it was applied once. The
+test coordinates with the handlers through the database itself, never by sleeping:
+MariaDB named locks (``GET_LOCK``: a handler waits for a lock the test holds, and
+shows up in ``information_schema.PROCESSLIST`` while it waits) and row locks.
+
+* ``gated_write(token, gate)`` (MariaDB): inserts its row, then waits for the named
+  lock ``gate`` (and lets it go at once); acks ``{"id", "run", "connection_id"}``.
+  A test that holds ``gate`` can ``KILL`` the waiting connection.
+* ``kill_self(token, times)`` (MariaDB): the first ``times`` runs insert their row and
+  then ``KILL CONNECTION_ID()``: the server kills the connection (``1927``).
+* ``cross_update(token, first, second, gate)`` (MariaDB): ``d_counters.value + 1`` on
+  row ``first``, waits for ``gate``, then on row ``second``. Two of them in opposite
+  orders, released together, deadlock (``1213``).
+* ``locked_update(token, name)`` (MariaDB): ``d_counters.value + 1`` on row ``name``
+  with ``innodb_lock_wait_timeout`` 1 s on the first run, 30 s on later ones: a row
+  lock the test holds makes the first run fail with ``1205``.
+* ``sqlite_write(token)`` (SQLite): inserts its row; from the second run on, it first
+  sets ``PRAGMA busy_timeout`` to 30 s (the engine's is 0.05 s), so that once the
+  test saw the retry start it may let its own write lock go.
+
+HTTP: ``GET /d/metrics`` -> ``{"events": dbctx.metrics(), "calls": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask, jsonify
+from flask_socketio import SocketIO
+from flask_sqlalchemy import SQLAlchemy
+
+from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
+
+NAMESPACE = "/d"
+
+#: Seconds a handler waits for a gate the test holds before giving up.
+GATE_TIMEOUT = 30
+
+_calls: dict[str, int] = {}
+_calls_lock = threading.Lock()
+
+
+def _count(event: str, token: str) -> int:
+    """Record one run of ``event`` for ``token``; return how many runs so far."""
+    key = f"{event}:{token}"
+    with _calls_lock:
+        _calls[key] = _calls.get(key, 0) + 1
+        return _calls[key]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 60:
+        raise InvalidRequestError(f"{what} must be a string of 1-60 characters")
+    return value
+
+
+def setup(
+    app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
+) -> None:
+    rows = sa.Table(
+        "d_rows",
+        db.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("token", sa.String(60), nullable=False, unique=True),
+    )
+    counters = sa.Table(
+        "d_counters",
+        db.metadata,
+        sa.Column("name", sa.String(60), primary_key=True),
+        sa.Column("value", sa.Integer, nullable=False),
+    )
+
+    def add_row(token: str) -> int:
+        result = db.session.execute(rows.insert().values(token=token))
+        return int(result.inserted_primary_key[0])
+
+    def wait_for_gate(gate: str) -> None:
+        got = db.session.execute(
+            sa.text("SELECT GET_LOCK(:gate, :timeout)"), {"gate": gate, "timeout": GATE_TIMEOUT}
+        ).scalar()
+        if got != 1:
+            raise RuntimeError(f"gate {gate!r} not opened within {GATE_TIMEOUT}s")
+        db.session.execute(sa.text("SELECT RELEASE_LOCK(:gate)"), {"gate": gate})
+
+    def increment(name: str) -> None:
+        updated = db.session.execute(
+            counters.update().where(counters.c.name == name).values(value=counters.c.value + 1)
+        )
+        if updated.rowcount != 1:
+            raise InvalidRequestError(f"no counter named {name!r}")
+
+    class DatabaseFaults(DBContextNamespace):
+        def on_gated_write(self, token: str, gate: str) -> dict[str, int]:
+            run = _count("gated_write", _text(token, "token"))
+            row_id = add_row(token)
+            connection_id = int(db.session.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
+            wait_for_gate(_text(gate, "gate"))
+            return {"id": row_id, "run": run, "connection_id": connection_id}
+
+        def on_kill_self(self, token: str, times: int = 1) -> dict[str, int]:
+            run = _count("kill_self", _text(token, "token"))
+            if isinstance(times, bool) or not isinstance(times, int) or not 0 <= times <= 5:
+                raise InvalidRequestError("times must be an integer from 0 to 5")
+            row_id = add_row(token)
+            if run <= times:
+                db.session.execute(sa.text("KILL CONNECTION_ID()"))  # 1927 for this statement
+            return {"id": row_id, "run": run}
+
+        def on_cross_update(self, token: str, first: str, second: str, gate: str) -> int:
+            run = _count("cross_update", _text(token, "token"))
+            increment(_text(first, "first"))
+            wait_for_gate(_text(gate, "gate"))
+            increment(_text(second, "second"))
+            add_row(token)
+            return run
+
+        def on_locked_update(self, token: str, name: str) -> int:
+            run = _count("locked_update", _text(token, "token"))
+            wait = 1 if run == 1 else GATE_TIMEOUT
+            db.session.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {wait}"))
+            increment(_text(name, "name"))
+            add_row(token)
+            return run
+
+        def on_sqlite_write(self, token: str) -> dict[str, int]:
+            run = _count("sqlite_write", _text(token, "token"))
+            if run > 1:
+                db.session.execute(sa.text(f"PRAGMA busy_timeout = {GATE_TIMEOUT * 1000}"))
+            return {"id": add_row(token), "run": run}
+
+    socketio.on_namespace(DatabaseFaults(NAMESPACE))
+
+    @app.route("/d/metrics")
+    def database_fault_metrics() -> Any:
+        with _calls_lock:
+            calls = dict(_calls)
+        return jsonify(events=dbctx.metrics(), calls=calls)
