@@ -1,6 +1,7 @@
 """The same guarantees on SQLite, PostgreSQL and MariaDB (DESIGN 7a), driven through
 Flask-SocketIO's test client (events run one at a time on this thread): read-only
-events, raw SQL, a connection the server kills in the middle of an event.
+events, raw SQL, a connection the server kills in the middle of an event, each
+database's own statement-timeout error, SQLite's ``database is locked``.
 
 More of the core semantics run on all three databases where they are defined
 (``ALL_DATABASES`` in ``test_namespace.py``, ``test_handlers.py``,
@@ -10,6 +11,7 @@ More of the core semantics run on all three databases where they are defined
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -20,6 +22,9 @@ from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
 
 from socketio_dbctx import DBContext, DBContextNamespace
+from socketio_dbctx.acks import error_code
+from socketio_dbctx.retry import should_retry
+from socketio_dbctx.transient import is_statement_timeout, is_transient
 
 NS = "/t"
 
@@ -133,6 +138,51 @@ def test_a_connection_the_server_ends_mid_event_is_retried(
     assert checked_out(db, app) == 0
     assert call(client, "add", "next") == 3  # the pool serves the next event
     assert stored_names(url) == ["next", "once"]
+
+
+# -- statement timeouts: the servers' own errors ----------------------------------------
+
+
+def cut_a_statement(database: str, conn: sa.Connection) -> None:
+    """Run a statement that the database cuts for running too long, each its own way."""
+    if database == "postgres":
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 100")
+        conn.exec_driver_sql("SELECT pg_sleep(5)")
+    elif database == "mariadb":
+        conn.exec_driver_sql("SET STATEMENT max_statement_time = 0.1 FOR SELECT SLEEP(5)")
+    else:  # SQLite has no timeout of its own: a watchdog interrupts a running statement
+        raw: Any = conn.connection.dbapi_connection
+        running = threading.Event()
+        raw.set_progress_handler(lambda: running.set(), 1000)  # returns None: go on
+        watchdog = threading.Thread(target=lambda: running.wait(10) and raw.interrupt())
+        watchdog.start()
+        try:
+            conn.exec_driver_sql(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+                "SELECT count(*) FROM n"
+            )
+        finally:
+            watchdog.join(10)
+
+
+@ALL_DATABASES
+def test_a_real_statement_timeout_acks_timeout_and_is_never_retried(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    """PostgreSQL ``57014``, MariaDB ``1969``, SQLite ``interrupted``, as the servers
+    raise them through SQLAlchemy: classified as a statement timeout."""
+    database = request.node.callspec.params["database_url"]
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
+            cut_a_statement(database, conn)
+    finally:
+        engine.dispose()
+    error = info.value
+    assert is_statement_timeout(error), repr(error)
+    assert not is_transient(error)
+    assert should_retry(error, phase="handler", idempotent=True) is False
+    assert error_code(error) == "timeout"
 
 
 # -- SQLite: database is locked, in process -----------------------------------------------
