@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,29 @@ def assert_pool_whole(server: ServerProcess) -> None:
 def retried_after(server: ServerProcess, error: str) -> bool:
     """The server logged a retry after ``error`` (e.g. ``(2013,``)."""
     return any("retrying" in line and error in line for line in server.log().splitlines())
+
+
+# -- MariaDB: PyMySQL is green -------------------------------------------------------
+
+
+@ON_MARIADB
+def test_pymysql_waits_do_not_block_the_async_mode(
+    async_mode: str, server_factory: ServerFactory, connect_client: ClientFactory
+) -> None:
+    """5 events each wait 1 s inside the database (``SELECT SLEEP(1)``) at once on a
+    pool of 5: under eventlet and gevent too they overlap (PyMySQL's sockets are
+    green), so all five are done in well under the 5 s one after another would take,
+    and no WARNING about the driver is logged."""
+    server = start(server_factory, async_mode)
+    clients = [connect_client(server, NS) for _ in range(5)]
+    with ThreadPoolExecutor(len(clients)) as pool:
+        started = time.monotonic()
+        acks = list(pool.map(lambda client: call(client, "db_sleep", 1.0), clients))
+        elapsed = time.monotonic() - started
+    assert acks == [True] * 5
+    assert elapsed < 3.5, f"5 concurrent 1 s database waits took {elapsed:.1f} s"
+    assert "socketio_dbctx.drivers" not in server.log()
+    assert_pool_whole(server)
 
 
 # -- MariaDB: connections killed -------------------------------------------------------

@@ -1,9 +1,9 @@
 """Real servers, real clients: the foundation's behaviour under real concurrency.
 
 Every test starts ``tests.servers.app`` in a subprocess in each async mode
-(threading, eventlet, gevent) against PostgreSQL, and talks to it with real
-python-socketio clients over WebSocket. ``/_stats`` reports the pool from inside
-the server process.
+(threading, eventlet, gevent) against PostgreSQL (and MariaDB, where it says so), and
+talks to it with real python-socketio clients over WebSocket. ``/_stats`` reports the
+pool from inside the server process.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def sample_stats(server: ServerProcess, count: int, spacing: float) -> list[dict
     return samples
 
 
+@pytest.mark.parametrize("server_database", ["postgres", "mariadb"], indirect=True)
 def test_many_clients_writing_at_once(
     async_mode: str, server_factory: ServerFactory, connect_client: ClientFactory
 ) -> None:

@@ -19,6 +19,8 @@ shows up in ``information_schema.PROCESSLIST`` while it waits) and row locks.
 * ``locked_update(token, name)`` (MariaDB): ``d_counters.value + 1`` on row ``name``
   with ``innodb_lock_wait_timeout`` 1 s on the first run, 30 s on later ones: a row
   lock the test holds makes the first run fail with ``1205``.
+* ``db_sleep(seconds)`` (MariaDB): ``SELECT SLEEP(seconds)``, a wait inside the
+  database driver (green only when the driver is); acks True.
 * ``sqlite_write(token)`` (SQLite): inserts its row; from the second run on, it first
   sets ``PRAGMA busy_timeout`` to 30 s (the engine's is 0.05 s), so that once the
   test saw the retry start it may let its own write lock go.
@@ -129,6 +131,14 @@ def setup(
             increment(_text(name, "name"))
             add_row(token)
             return run
+
+        def on_db_sleep(self, seconds: float) -> bool:
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise InvalidRequestError("seconds must be a number")
+            if not 0 <= seconds <= 5:
+                raise InvalidRequestError("seconds must be from 0 to 5")
+            db.session.execute(sa.text("SELECT SLEEP(:seconds)"), {"seconds": seconds})
+            return True
 
         def on_sqlite_write(self, token: str) -> dict[str, int]:
             run = _count("sqlite_write", _text(token, "token"))
