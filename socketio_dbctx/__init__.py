@@ -27,7 +27,7 @@ The modules form layers; each imports only from its own layer or those below it
                     |         (a fresh app context and session per scope; held emits)
     mechanisms  acks  admission  cluster  drivers  health  leaks  metrics  pool  retry  tasks
                     |         (one concern each, no Flask-SocketIO dispatch knowledge)
-    base        config  decorators  errors  shapes  transient
+    base        config  decorators  errors  shapes  throttle  transient
                               (settings, exceptions, public shapes, pure classification)
 """
 
