@@ -15,8 +15,9 @@ Usage::
 The modules form layers; each imports only from its own layer or those below it
 (``tests/test_architecture.py`` keeps this drawing true)::
 
-    facade      extension  helper  prometheus
-                    |         (the Flask extension, the asyncio helper, metrics export)
+    facade      extension  helper  prometheus  shutdown
+                    |         (the Flask extension, the asyncio helper, metrics export,
+                    |          drain on signals)
     dispatch    namespace  monitor  hooks  dispatch
                     |         (namespaces, function handlers; runtimes and the event run)
     pipeline    middleware  pipeline

@@ -22,7 +22,7 @@ from flask_socketio import Namespace
 
 from .acks import error_payload
 from .errors import BusyError, InvalidRequestError
-from .health import health_check
+from .health import start_probe
 from .shapes import ClusterPayload, ErrorAck, HealthResult, MonitorPayload
 from .state import AppState, app_state
 
@@ -83,6 +83,8 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
 
     #: calls of ``get_status``/``health`` per second and budget (burst: the same).
     rate = 5.0
+    #: seconds between the health probes the push loop starts while anybody listens.
+    probe_every = 10.0
 
     def budget_key(self, auth: Any) -> Hashable:
         """The rate-limit budget a client's calls count against, from the ``auth`` it
@@ -179,6 +181,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
                         payload = payloads.get(id(app))
                         if payload is None:
                             state = app_state(app, self.socketio)
+                            self._probe(app, state)
                             payload = payloads[id(app)] = state.payload(app)
                         self._emit_to(sid, payload)
                     except Exception:
@@ -187,6 +190,14 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             with self._lock:
                 self._loop_running = False
             raise
+
+    def _probe(self, app: Flask, state: AppState) -> None:
+        # while somebody watches, the status follows the database without anybody
+        # calling /healthz: a probe every probe_every seconds (not waited for; its result
+        # shows in a later push). It takes a pooled connection for a moment.
+        engine = state.follow(app).get("default")
+        if engine is not None:
+            start_probe(engine, self.socketio, every=self.probe_every)
 
     @property
     def subscribers(self) -> int:
@@ -222,8 +233,4 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
         if not self._allow(_sid()):
             return error_payload(BusyError("too many monitor calls"), expose=False)
         app, state = self._state()
-        try:
-            engine = state.follow(app).get("default")
-        except Exception as exc:
-            return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}: {exc}"}
-        return health_check(engine, 2.0, self.socketio)
+        return state.health(app, 2.0)

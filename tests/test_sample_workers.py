@@ -171,6 +171,9 @@ def test_sample_app_workers_launcher_runs_a_fleet_and_forwards_ctrl_c(
     launched.proc.send_signal(signal.SIGINT)
     assert launched.proc.wait(45) == 0, launched.output()
     assert "stopped 2 worker(s)" in launched.output()
+    # each worker drained (nothing was in flight), closed its connections and exited
+    assert launched.output().count("SIGINT: draining") == 2, launched.output()
+    assert launched.output().count(": drained, ") == 2, launched.output()
     for _, pid in workers.values():
         assert pid_gone(pid), f"worker pid {pid} still runs after Ctrl-C"
 
