@@ -7,6 +7,7 @@ the tests see them held through ``/_ops/state``, never by sleeping.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 import socketio as socketio_client
 import sqlalchemy as sa
 from conftest import HTTP, REPO_ROOT, ServerProcess, free_port, schema_url, wait_for
+from server_launch import wait_ready
 from tcp_proxy import TcpProxy
 
 ServerFactory = Callable[..., ServerProcess]
@@ -236,6 +238,7 @@ def test_status_is_unhealthy_while_probes_fail(
 # -- the sample app ----------------------------------------------------------------------
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("mode", "signum"),
     [
@@ -293,3 +296,78 @@ def wait_ready_healthz(proc: subprocess.Popen[bytes], port: int) -> str | None:
         except OSError:
             time.sleep(0.1)
     return "no /healthz within 30 s"
+
+
+# -- gunicorn ------------------------------------------------------------------------------
+
+GUNICORN_CONF = REPO_ROOT / "examples" / "gunicorn" / "gunicorn.conf.py"
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("worker", ["gevent", "gthread", "eventlet"])
+def test_gunicorn_sigterm_to_the_master_drains_the_worker(
+    worker: str, postgres_url: str, pg_schema: str, tmp_path: Any
+) -> None:
+    """The recipe of docs/operations.rst (examples/gunicorn/gunicorn.conf.py, the app
+    calling drain_on_signals() at import): SIGTERM to the master drains the worker
+    (events in flight acked and committed, new ones busy, /healthz 503), then the
+    worker and the master exit."""
+    if worker == "eventlet":
+        pytest.skip(
+            "gunicorn removed its eventlet worker in gunicorn 26 (benoitc/gunicorn#3623); "
+            f"installed: gunicorn {importlib.metadata.version('gunicorn')}"
+        )
+    port = free_port()
+    database_url = schema_url(postgres_url, pg_schema)
+    server_args = ["--port", "0", "--database-url", database_url, "--extra", "tests.servers.ops"]
+    for key, value in {
+        "DBCTX_MAX_IN_FLIGHT_PER_CLIENT": 0,
+        "DBCTX_DRAIN_TIMEOUT": 20,
+        "OPS_SIGNALS": True,
+    }.items():
+        server_args += ["--set", f"{key}={json.dumps(value)}"]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OPS_SERVER_ARGS": json.dumps(server_args),
+        "DBCTX_DRAIN_TIMEOUT": "20",
+    }
+    command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)]
+    command += ["--chdir", str(REPO_ROOT), "-b", f"127.0.0.1:{port}", "-k", worker]
+    command += ["tests.servers.gunicorn_app:app"]
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(proc, port, log_path, worker, database_url, plain=False)
+    client = socketio_client.Client(reconnection=False)
+    try:
+        problem = wait_ready(proc, port, 30)
+        assert problem is None, f"{problem}\n{server.log()}"
+        client.connect(server.url, namespaces=[NS], transports=["websocket"], wait_timeout=10)
+        acks = Acks(client)
+        slow = ["g1", "g2", "g3"]
+        hold(server, acks, slow)
+
+        proc.send_signal(signal.SIGTERM)  # the master only
+        signalled = time.monotonic()
+        wait_for(lambda: state(server)["draining"], 10, "the worker to drain")
+        code, health = healthz(server)
+        assert (code, health["error"]) == (503, "draining"), health
+        acks.emit("quick", "refused")
+        assert_busy_draining(acks.wait(["refused"])["refused"])
+
+        server.get("/_ops/release")
+        assert acks.wait(slow) == {k: {"ok": True, "key": k} for k in slow}
+        assert exit_status(server, 15) == 0  # the master's graceful stop
+        assert time.monotonic() - signalled < 20
+        assert stored(server) == set(slow)
+        log = server.log()
+        assert "SIGTERM: draining" in log and ": drained, 1 connection(s) closed" in log, log
+        assert "Traceback" not in log, log
+    finally:
+        client.disconnect()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
