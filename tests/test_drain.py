@@ -371,3 +371,45 @@ def test_gunicorn_sigterm_to_the_master_drains_the_worker(
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("worker", ["gevent", "gthread"])
+def test_gunicorn_example_serves_the_sample_app_and_drains(
+    worker: str, postgres_url: str, pg_schema: str, tmp_path: Any
+) -> None:
+    """examples/gunicorn as documented: ``gunicorn -c gunicorn.conf.py wsgi:app``."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "DATABASE_URL": schema_url(postgres_url, pg_schema),
+        "DBCTX_DRAIN_TIMEOUT": "5",
+        "GUNICORN_BIND": f"127.0.0.1:{port}",
+        "GUNICORN_WORKER_CLASS": worker,
+    }
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=GUNICORN_CONF.parent,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    client = socketio_client.Client(reconnection=False)
+    try:
+        assert wait_ready_healthz(proc, port) is None, log_path.read_text()
+        url = f"http://127.0.0.1:{port}"
+        client.connect(url, namespaces=["/trading"], transports=["websocket"], wait_timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, log_path.read_text()
+        wait_for(lambda: not client.connected, 10, "the client to be disconnected")
+        log = log_path.read_text()
+        assert ": drained, 1 connection(s) closed" in log, log
+    finally:
+        client.disconnect()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
