@@ -18,8 +18,9 @@ The modules form layers; each imports only from its own layer or those below it
     facade      extension  helper  prometheus  shutdown
                     |         (the Flask extension, the asyncio helper, metrics export,
                     |          drain on signals)
-    dispatch    namespace  monitor  hooks  dispatch
-                    |         (namespaces, function handlers; runtimes and the event run)
+    dispatch    namespace  monitor  hooks  dispatch  packets
+                    |         (namespaces, function handlers; runtimes and the event run;
+                    |          malformed packets)
     pipeline    middleware  pipeline
                     |         (the Event, the chain built once, the built-in steps)
     state       state

@@ -98,13 +98,17 @@ def error_payload(
     return payload
 
 
-def log_failure(key: str, sid: str | None, exc: BaseException) -> None:
+def log_failure(
+    key: str, sid: str | None, exc: BaseException, throttle: LogThrottle | None = None
+) -> None:
     """Log a failed event at a level that fits its cause, without flooding.
 
     The first failure of each ``(key, error class)`` is logged, with its traceback for
     real failures; then at most one summary line per
     :data:`~socketio_dbctx.throttle.SUMMARY_INTERVAL` ("... and 1523 more like it in
     the last 10 s"). With this logger enabled for DEBUG, every failure is logged in full.
+
+    :param throttle: whose counts to use (each app has its own); default: the process's.
     """
     code = error_code(exc)
     if code == "invalid_request":
@@ -118,7 +122,7 @@ def log_failure(key: str, sid: str | None, exc: BaseException) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         decision = _EVERY
     else:
-        decision = _THROTTLE.occurred((key, type(exc)))
+        decision = (throttle or _THROTTLE).occurred((key, type(exc)))
         if not decision.log:
             return
     if decision.first:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from flask import Flask, current_app, has_app_context
 from sqlalchemy.orm import Session
 
-from . import context, emits
+from . import context, emits, packets
 from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, is_number, load_settings
 from .errors import ContextSetupError
@@ -116,6 +116,7 @@ class DBContext:
             logger.debug("database not set up yet; checkouts are followed from first use")
         if socketio is not None:
             emits.install(getattr(socketio, "server", None))
+            packets.install(getattr(socketio, "server", None))
             hooks = install(socketio)
             hooks.outside.add(settings.monitor_namespace)
             hooks.wrap_all = hooks.wrap_all or settings.wrap_all_handlers

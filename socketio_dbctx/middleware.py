@@ -90,7 +90,7 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
             logger.exception("the error handler of %s raised while handling %s", event.key, exc)
             on_error = None
     if on_error is None:
-        log_failure(event.key, event.sid, exc)
+        log_failure(event.key, event.sid, exc, event.state.log_throttle)
         ack = error_payload(exc, expose=event.settings.expose_errors)
     if event.name == "connect":
         # A connect handler that crashed must not let the client in.

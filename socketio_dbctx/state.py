@@ -30,6 +30,7 @@ from .pool import pool_capacity, pool_status, worst_status
 from .sessions import SessionSource, make_source
 from .shapes import HealthResult, MonitorPayload, PoolStatus
 from .tasks import spawn
+from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from flask_socketio import SocketIO
@@ -70,6 +71,8 @@ class AppState:
         self.source = source
         self.socketio = socketio
         self.metrics = EventMetrics()
+        #: which failed events are logged in full (``socketio_dbctx.acks.log_failure``)
+        self.log_throttle = LogThrottle()
         self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
         #: the cluster view (several workers on a Redis message queue), when enabled
         self.cluster: Any = None
