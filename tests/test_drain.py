@@ -170,7 +170,10 @@ def test_drain_without_admission_limits(
     """With admission off (no process or per-client limit) the drain still counts the
     events in flight and refuses new ones; ``dbctx.drain()`` returns True once the
     last one has acked, and False while one is still running at its timeout."""
-    server = start(server_factory, async_mode, DBCTX_MAX_CONCURRENT_EVENTS=0)
+    server = start(
+        server_factory, async_mode, DBCTX_MAX_CONCURRENT_EVENTS=0, DBCTX_MONITOR_AUTH="tok"
+    )
+    monitor = connect_client(server, "/monitor", auth={"token": "tok"})
     acks = Acks(connect_client(server, NS))
     hold(server, acks, ["x", "y"])
     assert 'socketio_dbctx_pool_status{pool_name="default",status="healthy"} 1.0' in server.get(
@@ -180,6 +183,11 @@ def test_drain_without_admission_limits(
     wait_for(lambda: state(server)["drained"] is False, 10, "the first drain to time out")
     metrics = server.get("/metrics")
     assert 'socketio_dbctx_pool_status{pool_name="default",status="draining"} 1.0' in metrics
+    # the monitor answers during a drain, and says so
+    payload = monitor.call("get_status", namespace="/monitor", timeout=10)
+    assert payload["status"] == payload["pools"]["default"]["status"] == "draining", payload
+    health = monitor.call("health", namespace="/monitor", timeout=10)
+    assert (health["healthy"], health["error"]) == (False, "draining"), health
     assert 'socketio_dbctx_pool_status{pool_name="default",status="healthy"} 0.0' in metrics
     acks.emit("quick", "refused")
     assert_busy_draining(acks.wait(["refused"])["refused"])

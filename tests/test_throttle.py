@@ -1,14 +1,21 @@
 """Failure logging that does not flood (acks.log_failure and its LogThrottle).
 
-Decisions are tested with a clock of the test's own: no server, no sleep.
+Decisions are tested with a clock of the test's own: no server, no sleep; then once
+through a real server.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
+import time
+from typing import Any, Callable
 
 import pytest
+import socketio as socketio_client
+from conftest import ServerProcess
 
 from socketio_dbctx import acks
 from socketio_dbctx.errors import BusyError
@@ -99,3 +106,41 @@ def test_debug_logs_every_failure(
         acks.log_failure("/t:save", f"sid{i}", RuntimeError("boom"))
     records = [r for r in caplog.records if r.name == "socketio_dbctx.acks"]
     assert len(records) == 50 and all(r.exc_info for r in records)
+
+
+def test_a_real_server_logs_5000_failures_in_a_few_lines(
+    server_factory: Callable[..., ServerProcess],
+    connect_client: Callable[..., socketio_client.Client],
+) -> None:
+    """5000 failing events through a real server: every one acked ``internal_error``
+    and counted in the metrics, one traceback in the log, the rest in summaries."""
+    server = server_factory(
+        "threading", extra=["tests.servers.ops"], config={"DBCTX_MAX_IN_FLIGHT_PER_CLIENT": 0}
+    )
+    client = connect_client(server, "/ops")
+    acks: list[Any] = []
+    done = threading.Event()
+    count = 5000
+
+    def on_ack(ack: Any) -> None:
+        acks.append(ack)
+        if len(acks) == count:
+            done.set()
+
+    started = time.monotonic()
+    for i in range(count):
+        client.emit("fail", str(i), namespace="/ops", callback=on_ack)
+    assert done.wait(120), f"{count - len(acks)} of {count} got no ack"
+    elapsed = time.monotonic() - started
+    assert all(a["error"] == "internal_error" for a in acks)
+    stats = json.loads(server.get("/_stats"))
+    server.wait_checked_out(0)
+    log = server.log()
+    lines = [ln for ln in log.splitlines() if "socketio_dbctx.acks" in ln]
+    assert log.count("Traceback") == 1, log[-3000:]
+    # the first line, then at most one summary per started 10 s
+    assert 1 <= len(lines) <= 2 + elapsed // 10, (elapsed, lines)
+    summed = sum(int(m[1]) for ln in lines if (m := _SUMMARY.search(ln)))
+    assert summed <= count - 1
+    errors = json.loads(server.get("/_ops/metrics"))["/ops:fail"]["errors"]
+    assert errors == count, stats

@@ -5,11 +5,13 @@ Namespace ``/ops`` (a ``DBContextNamespace``):
 - ``slow(key)``: stores a row ``key``, then holds the event (and its connection) until
   ``GET /_ops/release`` lets every held event go; acks ``{"ok": True, "key": key}``.
 - ``quick(key)``: stores a row ``key``; acks the same.
+- ``fail(key)``: raises ``RuntimeError`` (acked ``internal_error``).
 
 HTTP routes:
 
 - ``/_ops/state``: ``held`` (slow events holding now), ``draining``, ``status``
   (``dbctx.status()``), ``drained`` (what the last ``/_ops/drain`` returned, or null).
+- ``/_ops/metrics``: ``dbctx.metrics()``.
 - ``/_ops/release``: lets every held event go.
 - ``/_ops/drain?timeout=S``: starts ``dbctx.drain(S)`` in a background task.
 - ``/healthz``: ``dbctx.health_check()``, 503 when not healthy (as the sample app's).
@@ -57,6 +59,9 @@ def setup(
             db.session.add(OpsRow(key=key))
             return {"ok": True, "key": key}
 
+        def on_fail(self, key: str) -> None:
+            raise RuntimeError(f"fail {key}")
+
     socketio.on_namespace(Ops("/ops"))
 
     @app.route("/_ops/state")
@@ -67,6 +72,10 @@ def setup(
             status=dbctx.status(),
             drained=result["drained"],
         )
+
+    @app.route("/_ops/metrics")
+    def ops_metrics() -> Any:
+        return jsonify(dbctx.metrics())
 
     @app.route("/_ops/release")
     def ops_release() -> Any:
