@@ -202,6 +202,29 @@ def test_drain_without_admission_limits(
     assert state(server)["status"] == "draining"
 
 
+def test_drain_refuses_the_events_waiting_for_admission(
+    async_mode: str, server_factory: ServerFactory, connect_client: Connect
+) -> None:
+    """Pool 5/0: five slow events take every slot and a sixth waits for admission. The
+    drain acks the sixth ``busy`` at once (it never started: nothing was applied) while
+    the five run on, then commit and ack."""
+    server = start(server_factory, async_mode, DBCTX_QUEUE_TIMEOUT=60)
+    acks = Acks(connect_client(server, NS))
+    held = [f"h{i}" for i in range(5)]
+    hold(server, acks, held)
+    acks.emit("quick", "waiting")
+    wait_for(lambda: server.stats()["pool"]["waiting"] == 1, 10, "the sixth to wait")
+    server.get("/_ops/drain?timeout=30")
+    assert_busy_draining(acks.wait(["waiting"])["waiting"])
+    assert server.stats()["pool"]["waiting"] == 0
+    assert not any(k in acks.got for k in held)
+    server.get("/_ops/release")
+    assert acks.wait(held) == {k: {"ok": True, "key": k} for k in held}
+    wait_for(lambda: state(server)["drained"] is True, 10, "the drain to end")
+    server.wait_checked_out(0)
+    assert stored(server) == set(held)
+
+
 # -- status follows the health probes --------------------------------------------------
 
 
