@@ -334,6 +334,13 @@ def wait_ready_healthz(proc: subprocess.Popen[bytes], port: int) -> str | None:
 GUNICORN_CONF = REPO_ROOT / "examples" / "gunicorn" / "gunicorn.conf.py"
 
 
+def no_control_socket() -> list[str]:
+    """gunicorn 25+ opens a control socket at one fixed path: tests run side by side."""
+    from gunicorn.config import Config
+
+    return ["--no-control-socket"] if "control_socket_disable" in Config().settings else []
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("worker", ["gevent", "gthread", "eventlet"])
 def test_gunicorn_sigterm_to_the_master_drains_the_worker(
@@ -365,7 +372,7 @@ def test_gunicorn_sigterm_to_the_master_drains_the_worker(
     }
     command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)]
     command += ["--chdir", str(REPO_ROOT), "-b", f"127.0.0.1:{port}", "-k", worker]
-    command += ["tests.servers.gunicorn_app:app"]
+    command += [*no_control_socket(), "tests.servers.gunicorn_app:app"]
     log_path = tmp_path / "gunicorn.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
@@ -421,9 +428,10 @@ def test_gunicorn_example_serves_the_sample_app_and_drains(
         "GUNICORN_WORKER_CLASS": worker,
     }
     log_path = tmp_path / "gunicorn.log"
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *no_control_socket()]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            [*command, "wsgi:app"],
             cwd=GUNICORN_CONF.parent,
             env=env,
             stdout=log_file,
