@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from .monitor import MonitorNamespace
 from .pool import worst_status
 from .sessions import SessionFactory, make_source
 from .shapes import EventSummary, HealthResult, PoolStatus
-from .shutdown import SignalDrain
+from .shutdown import SignalDrain, drain_apps
 from .state import AppState, register, worker_id
 from .tasks import PeriodicTask, spawn
 
@@ -350,7 +349,7 @@ class DBContext:
         and ``"retry_after_ms"``; connects, disconnects and the monitor keep working.
         :meth:`health_check` says ``{"healthy": False, "error": "draining"}`` and the
         monitor ``status`` is ``draining``. A drain is not undone: it is for shutdown
-        (:func:`socketio_dbctx.shutdown.drain_on_signals` does the rest).
+        (:meth:`drain_on_signals` does the rest).
 
         :param timeout: seconds to wait for the events in flight; ``None``:
             ``DBCTX_DRAIN_TIMEOUT``.
@@ -358,21 +357,7 @@ class DBContext:
 
         .. versionadded:: 0.1
         """
-        apps = list(self._states.items())
-        if timeout is None:
-            timeout = max((state.settings.drain_timeout for _, state in apps), default=0.0)
-        deadline = time.monotonic() + timeout
-        for app, state in apps:  # refuse everywhere first, then wait
-            state.drain(app, 0)
-        drained = True
-        for app, state in apps:
-            left = max(0.0, deadline - time.monotonic())
-            drained = state.drain(app, left) and drained
-        if drained:
-            logger.info("drained: no event in flight")
-        else:
-            logger.warning("drain timed out after %ss with events still in flight", timeout)
-        return drained
+        return drain_apps(list(self._states.items()), timeout)
 
     def drain_on_signals(
         self,

@@ -26,9 +26,14 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-__all__ = ["CLOSE_GRACE", "SignalDrain", "close_connections"]
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .state import AppState
+
+__all__ = ["CLOSE_GRACE", "SignalDrain", "close_connections", "drain_apps"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,28 @@ logger = logging.getLogger(__name__)
 CLOSE_GRACE = 1.0
 
 _DEFAULT_ENDS = (None, signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler)
+
+
+def drain_apps(apps: Sequence[tuple[Flask, AppState]], timeout: float | None) -> bool:
+    """Drain every app: refuse new events in all of them first, then wait for each
+    one's events in flight, all within ``timeout`` seconds (``None``: the longest
+    ``DBCTX_DRAIN_TIMEOUT`` among them).
+
+    :returns: True when no event is left in any of them.
+    """
+    if timeout is None:
+        timeout = max((state.settings.drain_timeout for _, state in apps), default=0.0)
+    deadline = time.monotonic() + timeout
+    for app, state in apps:
+        state.drain(app, 0)
+    drained = True
+    for app, state in apps:
+        drained = state.drain(app, max(0.0, deadline - time.monotonic())) and drained
+    if drained:
+        logger.info("drained: no event in flight")
+    else:
+        logger.warning("drain timed out after %ss with events still in flight", timeout)
+    return drained
 
 
 def close_connections(server: Any, grace: float = CLOSE_GRACE) -> int:
