@@ -3,7 +3,11 @@
 
 Environment: ``DATABASE_URL``, ``SOCKETIO_MESSAGE_QUEUE``, ``DBCTX_MONITOR_AUTH`` (the
 token of the ``/monitor`` namespace; generated at start when unset, and printed with
-the dashboard URL).
+the dashboard URL), ``DBCTX_DRAIN_TIMEOUT``.
+
+Ctrl-C or SIGTERM drains (new events are acked ``busy``, the ones in flight finish and
+ack, ``/healthz`` answers 503), closes every connection and exits; a second one stops
+at once.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ def monitor_token(environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
     return token, True
 
 
+def drain_timeout(environ: Mapping[str, str] = os.environ) -> float:
+    """``DBCTX_DRAIN_TIMEOUT`` from the environment (seconds), default 30."""
+    return float(environ.get("DBCTX_DRAIN_TIMEOUT") or 30.0)
+
+
 def dashboard_url(host: str, port: int, token: str | None) -> str:
     """Where to point a browser; ``token=None`` leaves a placeholder."""
     if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine answers on loopback
@@ -100,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         async_mode=args.async_mode,
         message_queue=args.message_queue,
         monitor_auth=token,
+        config={"DBCTX_DRAIN_TIMEOUT": drain_timeout()},
     )
+    app.extensions["dbctx"].drain_on_signals()  # Ctrl-C and SIGTERM: drain, then exit
     print(
         f"socketio_dbctx sample app ({args.async_mode}) on "
         f"{app.config['SQLALCHEMY_DATABASE_URI'].split('://', 1)[0]}",

@@ -9,8 +9,10 @@ first one alone (it creates the tables), then the others. All of them share the
 database, the message queue and one ``/monitor`` token (``DBCTX_MONITOR_AUTH``, or one
 generated here), so every dashboard shows the whole fleet. Prints each worker's URL
 and pid once all answer ``/healthz``; their output follows, each line prefixed with
-``[wI]``. Ctrl-C (or SIGTERM) is forwarded to every worker; a worker that dies stops
-the rest. Exit status: 0 after Ctrl-C, 1 when a worker failed, 2 for bad arguments.
+``[wI]``. Ctrl-C (or SIGTERM) is forwarded to every worker, which drains (its events in
+flight finish and ack) and exits; the launcher waits ``DBCTX_DRAIN_TIMEOUT`` + 10 s for
+that before it escalates. A worker that dies stops the rest. Exit status: 0 after
+Ctrl-C, 1 when a worker failed, 2 for bad arguments.
 
 Environment: ``DATABASE_URL``, ``SOCKETIO_MESSAGE_QUEUE`` (default
 ``redis://127.0.0.1:6379/0``), ``DBCTX_MONITOR_AUTH``. Without ``--database-url``
@@ -40,14 +42,15 @@ from types import FrameType
 from typing import IO
 from urllib.parse import urlsplit
 
-from .__main__ import dashboard_url
+from .__main__ import dashboard_url, drain_timeout
 
 __all__ = ["Worker", "main", "parse_args"]
 
 DEFAULT_MESSAGE_QUEUE = "redis://127.0.0.1:6379/0"
 MAX_WORKERS = 64
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
+#: seconds the workers get to drain after Ctrl-C before a second signal stops them at once
+STOP_TIMEOUT = drain_timeout() + 10.0
 # urllib without proxies from the environment: the workers are local
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -278,7 +281,8 @@ class Launcher:
             self.stop()
 
     def stop(self) -> None:
-        """SIGINT (like Ctrl-C) to every worker, then SIGTERM, then SIGKILL."""
+        """SIGINT (like Ctrl-C: the workers drain) to every worker, then SIGTERM (a
+        second signal: at once), then SIGKILL."""
         for signum, grace in (
             (signal.SIGINT, STOP_TIMEOUT),
             (signal.SIGTERM, 5.0),

@@ -15,10 +15,12 @@ Usage::
 The modules form layers; each imports only from its own layer or those below it
 (``tests/test_architecture.py`` keeps this drawing true)::
 
-    facade      extension  helper  prometheus
-                    |         (the Flask extension, the asyncio helper, metrics export)
-    dispatch    namespace  monitor  hooks  dispatch
-                    |         (namespaces, function handlers; runtimes and the event run)
+    facade      extension  helper  prometheus  shutdown
+                    |         (the Flask extension, the asyncio helper, metrics export,
+                    |          drain on signals)
+    dispatch    namespace  monitor  hooks  dispatch  packets
+                    |         (namespaces, function handlers; runtimes and the event run;
+                    |          malformed packets)
     pipeline    middleware  pipeline
                     |         (the Event, the chain built once, the built-in steps)
     state       state
@@ -27,7 +29,7 @@ The modules form layers; each imports only from its own layer or those below it
                     |         (a fresh app context and session per scope; held emits)
     mechanisms  acks  admission  cluster  drivers  health  leaks  metrics  pool  retry  tasks
                     |         (one concern each, no Flask-SocketIO dispatch knowledge)
-    base        config  decorators  errors  shapes  transient
+    base        config  decorators  errors  shapes  throttle  transient
                               (settings, exceptions, public shapes, pure classification)
 """
 

@@ -22,6 +22,7 @@ from .errors import (
     StatementTimeoutError,
 )
 from .shapes import ErrorAck
+from .throttle import Decision, LogThrottle
 from .transient import is_connection_error, is_statement_timeout
 
 __all__ = [
@@ -97,12 +98,49 @@ def error_payload(
     return payload
 
 
-def log_failure(key: str, sid: str | None, exc: BaseException) -> None:
-    """Log a failed event at a level that fits its cause; tracebacks for real failures."""
+def log_failure(
+    key: str, sid: str | None, exc: BaseException, throttle: LogThrottle | None = None
+) -> None:
+    """Log a failed event at a level that fits its cause, without flooding.
+
+    The first failure of each ``(key, error class)`` is logged, with its traceback for
+    real failures; then at most one summary line per
+    :data:`~socketio_dbctx.throttle.SUMMARY_INTERVAL` ("... and 1523 more like it in
+    the last 10 s"). With this logger enabled for DEBUG, every failure is logged in full.
+
+    :param throttle: whose counts to use (each app has its own); default: the process's.
+    """
     code = error_code(exc)
     if code == "invalid_request":
-        logger.info("%s from sid %s rejected: %s", key, sid, exc)
+        level, what, trace = logging.INFO, "rejected", False
     elif code in ("busy", "timeout"):
-        logger.warning("%s for sid %s answered busy: %s", key, sid, exc)
+        level, what, trace = logging.WARNING, f"answered {code}", False
     else:
-        logger.error("%s for sid %s failed (%s)", key, sid, code, exc_info=exc)
+        level, what, trace = logging.ERROR, f"failed ({code})", True
+    if not logger.isEnabledFor(level):
+        return
+    if logger.isEnabledFor(logging.DEBUG):
+        decision = _EVERY
+    else:
+        decision = (throttle or _THROTTLE).occurred((key, type(exc)))
+        if not decision.log:
+            return
+    if decision.first:
+        logger.log(
+            level, "%s for sid %s %s: %s", key, sid, what, exc, exc_info=exc if trace else None
+        )
+    else:
+        logger.log(
+            level,
+            "%s for sid %s %s: %s ... and %d more like it in the last %.0f s",
+            key,
+            sid,
+            what,
+            type(exc).__name__,
+            decision.more,
+            decision.seconds,
+        )
+
+
+_THROTTLE = LogThrottle()
+_EVERY = Decision(True, True)

@@ -10,6 +10,10 @@ wait gets an event object of the async mode, so waiting never blocks a whole pro
 under eventlet or gevent. Waiters are served first come, first served, each as soon
 as both its client and the process have a free slot. The pipeline step that uses
 this lives in :mod:`socketio_dbctx.middleware`.
+
+A drain (:meth:`ProcessLimit.drain`) refuses new events and the waiting ones with
+:class:`BusyError` (they have not started: nothing was applied) and waits until the
+running ones have finished; it is the process count, so it knows.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from typing import Any, Callable
 
 from .errors import BusyError
 
-__all__ = ["Admission", "ProcessLimit", "event_factory"]
+__all__ = ["DRAIN_RETRY_AFTER", "Admission", "ProcessLimit", "event_factory"]
+
+#: ``retry_after`` (seconds) of an event refused because the process drains: long enough
+#: for the client to have reconnected to another worker.
+DRAIN_RETRY_AFTER = 1.0
 
 
 def event_factory(async_mode: str | None) -> Callable[[], Any]:
@@ -59,6 +67,30 @@ class ProcessLimit:
         self.running = 0
         self.waiters: deque[_Waiter] = deque()  # first come, first served
         self.lock = threading.Lock()
+        #: set by :meth:`drain`: new events are refused
+        self.draining = False
+        self._idle: Any = None  # set when the last running event of a drain finishes
+
+    def drain(self, timeout: float | None) -> bool:
+        """Refuse new and waiting events from now on; wait up to ``timeout`` seconds
+        (``None``: without end) for the running ones to finish.
+
+        :returns: True when none is running any more.
+        """
+        with self.lock:
+            self.draining = True
+            refused = list(self.waiters)
+            self.waiters.clear()
+            for waiter in refused:  # woken without being admitted: they answer busy
+                waiter.event.set()
+            if not self.running:
+                return True
+            if self._idle is None:
+                self._idle = self.make_event()
+            idle = self._idle
+        idle.wait(timeout)
+        with self.lock:
+            return not self.running
 
     @property
     def waiting(self) -> int:
@@ -124,14 +156,20 @@ class Admission:
     def _wait(self, sid: str | None) -> None:
         process = self.process
         with process.lock:
+            if process.draining:  # began since the fast path looked
+                raise _draining()
             waiter = _Waiter(self, sid, process.make_event())
             process.queue(waiter)
             process.settle()
-        if waiter.admitted or waiter.event.wait(self.timeout):
+        if waiter.admitted or (waiter.event.wait(self.timeout) and waiter.admitted):
             return
         with process.lock:
             if waiter.admitted:  # admitted just as the wait ended
                 return
+            if process.draining:  # refused by the drain (already out of the queue)
+                if waiter in process.waiters:
+                    process.withdraw(waiter)
+                raise _draining()
             process.withdraw(waiter)
             process.settle()  # the queue's head may have changed
         what = "a slot of this client" if process.has_room() else "a database slot"
@@ -143,6 +181,8 @@ class Admission:
         per_client = self.per_client
         # the fast path, inlined: it runs for every event
         with process.lock:
+            if process.draining:
+                raise _draining()
             admitted = (
                 not process.waiters  # nobody may overtake a waiter that was here first
                 and (process.limit is None or process.running < process.limit)
@@ -167,3 +207,9 @@ class Admission:
                         del self._clients[sid]  # per-sid state lives only while it runs
                 if process.waiters:
                     process.settle()
+                elif process.draining and not process.running and process._idle is not None:
+                    process._idle.set()
+
+
+def _draining() -> BusyError:
+    return BusyError("the server is shutting down", retry_after=DRAIN_RETRY_AFTER)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from flask import Flask, current_app, request
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
-from . import emits, middleware
+from . import emits, middleware, packets
 from .admission import Admission
 from .config import Settings
 from .errors import ContextSetupError
@@ -99,6 +99,7 @@ class RuntimeCache:
     def _build(self, app: Flask, socketio: Any) -> Runtime:
         state = app_state(app, socketio)
         emits.install(socketio.server)
+        packets.install(socketio.server)
         async_mode = socketio.server.async_mode
         state.check_drivers(app, async_mode)
         settings = state.settings.override(self.overrides)

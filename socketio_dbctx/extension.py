@@ -8,24 +8,25 @@ for the app it is called in.
 from __future__ import annotations
 
 import logging
+import signal
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from flask import Flask, current_app, has_app_context
 from sqlalchemy.orm import Session
 
-from . import context, emits
+from . import context, emits, packets
 from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, is_number, load_settings
 from .errors import ContextSetupError
-from .health import health_check
 from .hooks import install
 from .monitor import MonitorNamespace
 from .pool import worst_status
 from .sessions import SessionFactory, make_source
 from .shapes import EventSummary, HealthResult, PoolStatus
+from .shutdown import SignalDrain, drain_apps
 from .state import AppState, register, worker_id
 from .tasks import PeriodicTask, spawn
 
@@ -114,6 +115,7 @@ class DBContext:
             logger.debug("database not set up yet; checkouts are followed from first use")
         if socketio is not None:
             emits.install(getattr(socketio, "server", None))
+            packets.install(getattr(socketio, "server", None))
             hooks = install(socketio)
             hooks.outside.add(settings.monitor_namespace)
             hooks.wrap_all = hooks.wrap_all or settings.wrap_all_handlers
@@ -326,13 +328,64 @@ class DBContext:
         return worst_status([p["status"] for p in self.pool_status_all().values()])
 
     def health_check(self, timeout: float = 2.0) -> HealthResult:
-        """Run ``SELECT 1`` on the default engine within ``timeout`` seconds; never raises."""
+        """Run ``SELECT 1`` on the default engine within ``timeout`` seconds; never raises.
+
+        .. versionchanged:: 0.1
+           During a drain: ``{"healthy": False, "error": "draining", ...}``.
+        """
         try:
             app, state = self._current()
-            engine = state.engines(app).get("default")
         except Exception as exc:
             return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}: {exc}"}
-        return health_check(engine, timeout, state.socketio)
+        return state.health(app, timeout)
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop admitting events and let the ones in flight finish, commit and ack.
+
+        From the call on, every new event of every app of this extension (and every
+        event still waiting for admission) is acked ``busy`` with ``"retryable": true``
+        and ``"retry_after_ms"``; connects, disconnects and the monitor keep working.
+        :meth:`health_check` says ``{"healthy": False, "error": "draining"}`` and the
+        monitor ``status`` is ``draining``. A drain is not undone: it is for shutdown
+        (:meth:`drain_on_signals` does the rest).
+
+        :param timeout: seconds to wait for the events in flight; ``None``:
+            ``DBCTX_DRAIN_TIMEOUT``.
+        :returns: True when none is left, False when ``timeout`` passed first.
+
+        .. versionadded:: 0.1
+        """
+        return drain_apps(list(self._states.items()), timeout)
+
+    def drain_on_signals(
+        self,
+        signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+        timeout: float | None = None,
+    ) -> SignalDrain:
+        """On the first of ``signals``: :meth:`drain` (in a background task of the async
+        mode), close every Socket.IO connection, then end the process as the signal
+        would (the previous handlers are put back and the signal raised again). A
+        second signal stops the process at once. Call it from the main thread, after
+        ``socketio.init_app``; under gunicorn, at import of the app module (it then
+        replaces the worker's own handlers). See :doc:`/operations`.
+
+        :param timeout: the drain timeout; ``None``: ``DBCTX_DRAIN_TIMEOUT``.
+        :raises ContextSetupError: when this DBContext was made without ``socketio``.
+
+        .. versionadded:: 0.1
+        """
+        if self.socketio is None:
+            raise ContextSetupError(
+                "drain_on_signals needs the SocketIO instance: create DBContext(app, socketio, db)"
+            )
+        return SignalDrain(self.drain, self.socketio, signals, timeout).install()
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called (on any app of this extension)."""
+        return any(state.draining for state in self._states.values())
 
     def metrics(self) -> dict[str, EventSummary]:
         """Per-event counters and latency percentiles, keyed ``"namespace:event"``."""

@@ -90,7 +90,7 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
             logger.exception("the error handler of %s raised while handling %s", event.key, exc)
             on_error = None
     if on_error is None:
-        log_failure(event.key, event.sid, exc)
+        log_failure(event.key, event.sid, exc, event.state.log_throttle)
         ack = error_payload(exc, expose=event.settings.expose_errors)
     if event.name == "connect":
         # A connect handler that crashed must not let the client in.
@@ -101,12 +101,10 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
 
 def admission(limits: Admission) -> Wrap:
     """Hold the event until it is admitted. An event turned away here never reaches
-    the metrics step, so it is counted as ``busy`` here."""
+    the metrics step, so it is counted as ``busy`` here. Without limits the step stays:
+    it counts the events in flight for a drain, and refuses new ones during it."""
 
     def wrap(rest: Step) -> Step:
-        if limits.unlimited:
-            return rest
-
         def step(event: Event) -> Any:
             start = time.perf_counter()
             try:

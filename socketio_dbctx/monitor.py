@@ -14,7 +14,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from flask import Flask, current_app, request
@@ -22,7 +22,7 @@ from flask_socketio import Namespace
 
 from .acks import error_payload
 from .errors import BusyError, InvalidRequestError
-from .health import health_check
+from .health import start_probe
 from .shapes import ClusterPayload, ErrorAck, HealthResult, MonitorPayload
 from .state import AppState, app_state
 
@@ -60,7 +60,7 @@ def _sid() -> str:
 
 
 class _Bucket:
-    """Token bucket for one client's ``get_status``/``health`` calls."""
+    """Token bucket for the ``get_status``/``health`` calls of one budget."""
 
     __slots__ = ("stamp", "tokens")
 
@@ -73,18 +73,35 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     """Streams ``pool_status`` to authenticated subscribers.
 
     Client events: ``get_status`` (optionally ``{"scope": "cluster"}``) and
-    ``health``, each acked, and limited to :attr:`rate` calls per second per client.
+    ``health``, each acked, and limited to :attr:`rate` calls per second per budget:
+    by default one budget per process, shared by every monitor client (they all hold
+    the one token, or pass the one callable), so opening more connections does not
+    buy more calls. Override :meth:`budget_key` to give each user a budget of their own.
 
     :param namespace: usually ``DBCTX_MONITOR_NAMESPACE``.
     """
 
-    #: calls of ``get_status``/``health`` per second and client (burst: the same).
+    #: calls of ``get_status``/``health`` per second and budget (burst: the same).
     rate = 5.0
+    #: seconds between the health probes the push loop starts while anybody listens.
+    probe_every = 10.0
+
+    def budget_key(self, auth: Any) -> Hashable:
+        """The rate-limit budget a client's calls count against, from the ``auth`` it
+        connected with (already accepted). Clients with equal keys share one budget.
+
+        The default, ``None``, is one budget for the whole process. With a callable
+        ``DBCTX_MONITOR_AUTH`` that tells users apart, return the user's id here.
+
+        .. versionadded:: 0.1
+        """
+        return None
 
     def __init__(self, namespace: str = "/monitor") -> None:
         super().__init__(namespace)
         self._subscribers: dict[str, Flask] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._budget_of: dict[str, Hashable] = {}
         self._lock = threading.Lock()
         self._loop_running = False
 
@@ -97,7 +114,10 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     def _allow(self, sid: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            bucket = self._buckets.setdefault(sid, _Bucket(self.rate))
+            key = self._budget_of.get(sid)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(self.rate)
             bucket.tokens = min(self.rate, bucket.tokens + (now - bucket.stamp) * self.rate)
             bucket.stamp = now
             if bucket.tokens < 1:
@@ -127,9 +147,11 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             logger.warning("monitor connection refused for sid %s", _sid())
             return False
         sid = _sid()
+        budget = self.budget_key(auth)
         first = state.payload(app)  # before subscribing: if this fails, nobody is left behind
         with self._lock:
             self._subscribers[sid] = app
+            self._budget_of[sid] = budget
             start = not self._loop_running
             self._loop_running = True
         self._emit_to(sid, first)
@@ -140,7 +162,8 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     def on_disconnect(self, reason: Any = None) -> None:
         with self._lock:
             self._subscribers.pop(_sid(), None)
-            self._buckets.pop(_sid(), None)
+            # the budget stays: reconnecting must not refill it
+            self._budget_of.pop(_sid(), None)
 
     def _loop(self, interval: float) -> None:
         """Push a snapshot to every local subscriber each interval; end with the last."""
@@ -158,6 +181,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
                         payload = payloads.get(id(app))
                         if payload is None:
                             state = app_state(app, self.socketio)
+                            self._probe(app, state)
                             payload = payloads[id(app)] = state.payload(app)
                         self._emit_to(sid, payload)
                     except Exception:
@@ -166,6 +190,14 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
             with self._lock:
                 self._loop_running = False
             raise
+
+    def _probe(self, app: Flask, state: AppState) -> None:
+        # while somebody watches, the status follows the database without anybody
+        # calling /healthz: a probe every probe_every seconds (not waited for; its result
+        # shows in a later push). It takes a pooled connection for a moment.
+        engine = state.follow(app).get("default")
+        if engine is not None:
+            start_probe(engine, self.socketio, every=self.probe_every)
 
     @property
     def subscribers(self) -> int:
@@ -201,8 +233,4 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
         if not self._allow(_sid()):
             return error_payload(BusyError("too many monitor calls"), expose=False)
         app, state = self._state()
-        try:
-            engine = state.follow(app).get("default")
-        except Exception as exc:
-            return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}: {exc}"}
-        return health_check(engine, 2.0, self.socketio)
+        return state.health(app, 2.0)

@@ -17,9 +17,10 @@ from .shapes import PoolStatus
 if TYPE_CHECKING:
     from .leaks import Checkout
 
-__all__ = ["pool_capacity", "pool_status", "worst_status"]
+__all__ = ["STATUSES", "pool_capacity", "pool_status", "worst_status"]
 
-_STATUS_ORDER = ("healthy", "unknown", "warning", "exhausted")
+#: pool statuses, best first (``worst_status`` picks the last)
+STATUSES = ("healthy", "unknown", "warning", "exhausted", "unhealthy", "draining")
 
 
 def _limits(pool: Pool) -> tuple[int | None, int | None, float | None]:
@@ -47,6 +48,8 @@ def pool_status(
     warn_utilization: float,
     leak_threshold: float,
     waiting: int = 0,
+    unhealthy: bool = False,
+    draining: bool = False,
 ) -> PoolStatus:
     """Describe ``engine``'s pool as a pool dict.
 
@@ -56,6 +59,8 @@ def pool_status(
     :param warn_utilization: utilization from which the status is ``warning``.
     :param leak_threshold: seconds after which a checkout counts as ``long_held``.
     :param waiting: events waiting for admission or a checkout.
+    :param unhealthy: its health probes fail (status ``unhealthy``).
+    :param draining: the process drains (status ``draining``, over everything else).
     """
     pool = engine.pool
     size, max_overflow, timeout = _limits(pool)
@@ -73,7 +78,11 @@ def pool_status(
     long_held = (
         sum(1 for c in checkouts if now - c.since >= leak_threshold) if leak_threshold else 0
     )
-    if not reports:
+    if draining:
+        status = "draining"
+    elif unhealthy:
+        status = "unhealthy"
+    elif not reports:
         status = "unknown"
     elif capacity is not None and (utilization >= 1.0 or (waiting and checked_out >= capacity)):
         status = "exhausted"
@@ -100,4 +109,4 @@ def pool_status(
 
 def worst_status(statuses: list[str]) -> str:
     """The worst of several pool statuses (``healthy`` when there are none)."""
-    return max(statuses, key=_STATUS_ORDER.index, default="healthy")
+    return max(statuses, key=STATUSES.index, default="healthy")

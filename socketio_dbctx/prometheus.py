@@ -11,6 +11,7 @@ form; event metrics are this package's own::
     socketio_dbctx_event_duration_seconds{namespace, event}     (histogram)
     socketio_dbctx_retries_total
     socketio_dbctx_leaks_total
+    socketio_dbctx_pool_status{pool_name, status}                (1 for the current one)
 
 Usage::
 
@@ -42,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .errors import ContextSetupError
 from .metrics import BUCKETS
+from .pool import STATUSES
 from .state import app_state
 
 if TYPE_CHECKING:
@@ -100,6 +102,12 @@ class DBContextCollector:
             "retries": CounterMetricFamily(
                 "socketio_dbctx_retries", "Retries of transient failures.", labels=[]
             ),
+            "status": GaugeMetricFamily(
+                "socketio_dbctx_pool_status",
+                "The pool's status: 1 for the current one (healthy, unknown, warning, "
+                "exhausted, unhealthy, draining), 0 for the others.",
+                labels=["pool_name", "status"],
+            ),
             "leaks": CounterMetricFamily(
                 "socketio_dbctx_leaks",
                 "Connections reported as leaked (out longer than DBCTX_LEAK_THRESHOLD).",
@@ -120,6 +128,8 @@ class DBContextCollector:
             if pool["capacity"] is not None:
                 f["max"].add_metric([name], pool["capacity"])
             f["pending"].add_metric([name], pool["waiting"])
+            for status in STATUSES:
+                f["status"].add_metric([name, status], 1.0 if pool["status"] == status else 0.0)
         # SQLAlchemy's TimeoutError does not say which pool; events use the default one.
         f["timeouts"].add_metric(["default"], state.metrics.pool_timeouts)
         for s in state.metrics.stats():

@@ -23,12 +23,14 @@ from .admission import ProcessLimit
 from .config import Settings, load_settings
 from .drivers import check_green_driver, enforce_connect_timeout
 from .errors import ContextSetupError
+from .health import health_check, probe_failing
 from .leaks import LeakWatchdog, PoolTracker, Stack
 from .metrics import EventMetrics
 from .pool import pool_capacity, pool_status, worst_status
 from .sessions import SessionSource, make_source
-from .shapes import MonitorPayload, PoolStatus
+from .shapes import HealthResult, MonitorPayload, PoolStatus
 from .tasks import spawn
+from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from flask_socketio import SocketIO
@@ -69,6 +71,8 @@ class AppState:
         self.source = source
         self.socketio = socketio
         self.metrics = EventMetrics()
+        #: which failed events are logged in full (``socketio_dbctx.acks.log_failure``)
+        self.log_throttle = LogThrottle()
         self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
         #: the cluster view (several workers on a Redis message queue), when enabled
         self.cluster: Any = None
@@ -148,11 +152,37 @@ class AppState:
                     self._process_limit = ProcessLimit(async_mode, limit)
         return self._process_limit
 
+    # -- drain ----------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called: new events are refused."""
+        limit = self._process_limit
+        return limit is not None and limit.draining
+
+    def drain(self, app: Flask, timeout: float | None) -> bool:
+        """Refuse new events of ``app`` (``busy``), wait up to ``timeout`` seconds for
+        the ones in flight; True when none is left. See :meth:`DBContext.drain
+        <socketio_dbctx.DBContext.drain>`."""
+        return self.process_limit(app, self.async_mode).drain(timeout)
+
+    def health(self, app: Flask, timeout: float) -> HealthResult:
+        """``health_check`` of the default engine; not healthy while draining."""
+        if self.draining:
+            return {"healthy": False, "latency_ms": 0.0, "error": "draining"}
+        try:
+            engine = self.follow(app).get("default")
+        except Exception as exc:
+            return {"healthy": False, "latency_ms": 0.0, "error": f"{type(exc).__name__}: {exc}"}
+        return health_check(engine, timeout, self.socketio)
+
     # -- observation ----------------------------------------------------------------
 
     def pool_statuses(self, app: Flask) -> dict[str, PoolStatus]:
-        """Pool dicts of every engine of ``app``."""
+        """Pool dicts of every engine of ``app``: ``draining`` during a drain,
+        ``unhealthy`` while the engine's health probes fail."""
         s = self.settings
+        draining = self.draining
         return {
             name: pool_status(
                 engine,
@@ -161,6 +191,8 @@ class AppState:
                 warn_utilization=s.warn_utilization,
                 leak_threshold=s.leak_threshold,
                 waiting=self.waiting if name == "default" else 0,
+                unhealthy=probe_failing(engine),
+                draining=draining,
             )
             for name, engine in self.follow(app).items()
         }

@@ -31,7 +31,12 @@ from socketio_dbctx import ContextSetupError, DBContext, DBContextNamespace
 
 NS = "/l"
 LOAD = "tests.servers.load"
-BUSY = {"error": "busy", "message": "The server is busy; try again shortly.", "retryable": True}
+BUSY = {
+    "error": "busy",
+    "message": "The server is busy; try again shortly.",
+    "retryable": True,
+    "retry_after_ms": 500,  # acks.DEFAULT_RETRY_AFTER: a queue timeout has no better hint
+}
 POOL_TIMEOUT_TEXT = "QueuePool limit"
 CALL_TIMEOUT = 30.0
 

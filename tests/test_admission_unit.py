@@ -125,3 +125,41 @@ def test_a_failing_call_gives_its_slot_back() -> None:
         admission.run("a", fail)
     assert process.running == 0
     assert admission.run("a", lambda: "ok") == "ok"
+
+
+# -- drain ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [None, 1], ids=["unlimited", "limited"])
+def test_drain_refuses_new_and_waiting_events_and_waits_for_running_ones(
+    limit: int | None,
+) -> None:
+    process = ProcessLimit(None, limit)
+    admission = Admission(process, 0, DEADLINE)
+    gate, results = Gate(), []
+    holder = in_thread(admission, "h", gate, results)
+    assert gate.entered.wait(DEADLINE)
+    waiter = None
+    if limit:  # a second event waits for the one slot
+        waiter = in_thread(admission, "w", lambda: "never", results)
+        wait_until(lambda: process.waiting == 1)
+    assert process.drain(0.05) is False  # one is still running
+    with pytest.raises(BusyError, match="shutting down") as refused:
+        admission.run("n", lambda: "never")
+    assert refused.value.retry_after == 1.0
+    if waiter is not None:
+        waiter.join(DEADLINE)
+        assert isinstance(results.pop(), BusyError) and process.waiting == 0
+    finished = []
+    drainer = threading.Thread(target=lambda: finished.append(process.drain(DEADLINE)))
+    drainer.start()
+    gate.open.set()
+    holder.join(DEADLINE)
+    drainer.join(DEADLINE)
+    assert results == ["done"] and finished == [True] and process.running == 0
+    assert process.drain(0) is True  # idle: at once
+
+
+def test_a_drain_with_nothing_in_flight_returns_at_once() -> None:
+    process = ProcessLimit(None, 5)
+    assert process.drain(0) is True and process.draining

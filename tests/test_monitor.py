@@ -39,7 +39,7 @@ CALLABLE_TOKEN = "cb-ok"
 
 EVENT_KEYS = {"count", "errors", "retries", "busy", "in_flight", "p50_ms", "p95_ms", "p99_ms"}
 #: pool statuses, from best to worst
-SEVERITY = ["healthy", "unknown", "warning", "exhausted"]
+SEVERITY = ["healthy", "unknown", "warning", "exhausted", "unhealthy", "draining"]
 STATUSES = set(SEVERITY)
 
 ServerFactory = Callable[..., ServerProcess]
@@ -447,7 +447,10 @@ def test_status_thresholds_and_monitor_answers_on_a_full_pool(
 ) -> None:
     """Pool 5/0, warning from 0.6: 2 held is healthy, 3 warning, 5 exhausted; a 6th
     event waits for admission. The monitor answers all the while (it is never held
-    back by admission, whose queue timeout here is far longer than the calls')."""
+    back by admission, whose queue timeout here is far longer than the calls'). A health
+    probe that cannot get a connection from the full pool fails, and from then on the
+    status is ``unhealthy`` (never healthy while /healthz would say 503) until a probe
+    succeeds again."""
     server = start(
         server_factory,
         async_mode,
@@ -469,7 +472,10 @@ def test_status_thresholds_and_monitor_answers_on_a_full_pool(
         pool = payload["pools"]["default"]
         assert pool["checked_out"] == held, pool
         assert pool["utilization"] == pytest.approx(held / 5)
-        assert (pool["status"], payload["status"]) == (status, status), pool
+        assert pool["status"] == payload["status"], payload
+        # a full pool also fails the push loop's own probe once it has waited 2 s
+        allowed = {status, "unhealthy"} if status == "exhausted" else {status}
+        assert pool["status"] in allowed, pool
 
     # a 6th event waits for a slot: still exhausted, and it shows as waiting
     grabber.grab("f")
@@ -479,12 +485,15 @@ def test_status_thresholds_and_monitor_answers_on_a_full_pool(
     started = time.monotonic()
     payload = subscriber.call("get_status", timeout=8)
     pool = payload["pools"]["default"]
-    assert (pool["checked_out"], pool["waiting"], pool["status"]) == (5, 1, "exhausted")
+    assert (pool["checked_out"], pool["waiting"]) == (5, 1), pool
+    assert pool["status"] in ("exhausted", "unhealthy"), pool
     health = subscriber.call("health", timeout=8)
     answered_in = time.monotonic() - started
     # no connection is free: the probe gives up after health_check's own timeout
     assert health["healthy"] is False and "timed out" in health["error"], health
     assert answered_in < 8
+    payload = subscriber.call("get_status", timeout=8)
+    assert (payload["status"], payload["pools"]["default"]["status"]) == ("unhealthy",) * 2
     # pushes go on, and show it
     wait_for(
         lambda: any(p["pools"]["default"]["waiting"] == 1 for p in subscriber.pushes()),
@@ -569,17 +578,32 @@ def burst_calls(subscriber: MonitorClient, event: str, count: int) -> tuple[list
 def test_rate_limit_of_get_status_and_health(
     async_mode: str, server_factory: ServerFactory, net: Net
 ) -> None:
-    """MonitorNamespace.rate is 5 calls/s per client with a burst of 5: a burst of 30
-    gets ``busy`` beyond what the bucket holds, and it refills. Each client has its
-    own bucket."""
+    """MonitorNamespace.rate is 5 calls/s with a burst of 5, per budget: by default one
+    budget per process, shared by every client of the token. Three connections with the
+    same token bursting 30 calls at once get no more than one client would: ``busy``
+    beyond what the bucket holds, and it refills; reconnecting does not refill it."""
     server = start(server_factory, async_mode)
     burst = 30
     rate = RATE
     assert MonitorNamespace.rate == rate
 
     for event in ("get_status", "health"):
-        subscriber = net.subscribe(server, {"token": TOKEN})  # a fresh bucket
-        acks, elapsed = burst_calls(subscriber, event, burst)
+        subscribers = [net.subscribe(server, {"token": TOKEN}) for _ in range(3)]
+        # an empty budget to start from: drain it, then wait until it holds one token
+        burst_calls(subscribers[0], event, burst)
+        wait_for(
+            lambda s=subscribers[0], e=event: not is_busy(s.call_once(e)),  # type: ignore[misc]
+            5,
+            f"{event} to answer again",
+            interval=1.0 / rate,
+        )
+        started = time.monotonic()
+        with ThreadPoolExecutor(len(subscribers)) as pool:
+            futures = [pool.submit(burst_calls, s, event, burst // 3) for s in subscribers]
+            results = [f.result(40) for f in futures]
+        elapsed = time.monotonic() - started
+        acks = [a for got, _ in results for a in got]
+        assert len(acks) == burst
 
         busy = [a for a in acks if is_busy(a)]
         answered = [a for a in acks if not is_busy(a)]
@@ -590,16 +614,23 @@ def test_rate_limit_of_get_status_and_health(
                 set(a) == {"worker", "timestamp", "status", "pools", "events", "leaks"}
                 for a in answered
             ), answered
-        assert len(answered) >= rate, (len(answered), elapsed)
-        # at most the burst plus what refilled while the calls ran
+        # what one client's bucket allows: what had refilled since the last call (at most
+        # the burst), plus what refilled while the calls ran; never three buckets' worth
         assert len(answered) <= rate + rate * elapsed + 1, (len(answered), elapsed)
         assert busy, f"no busy ack among {burst} {event} calls in {elapsed:.2f}s"
         assert all(a == {**busy[0], "retryable": True} for a in busy), busy
         assert isinstance(busy[0]["message"], str) and busy[0]["message"]
 
+        # a fresh connection does not bring a fresh budget
+        subscribers[0].client.disconnect()
+        late = net.subscribe(server, {"token": TOKEN})
+        late_acks, late_elapsed = burst_calls(late, event, burst)
+        late_answered = [a for a in late_acks if not is_busy(a)]
+        assert len(late_answered) <= rate + rate * late_elapsed + 1, late_elapsed
+
         # the bucket refills
         wait_for(
-            lambda s=subscriber, e=event: not is_busy(s.call_once(e)),  # type: ignore[misc]
+            lambda s=late, e=event: not is_busy(s.call_once(e)),  # type: ignore[misc]
             5,
             f"{event} to answer again",
             interval=0.3,

@@ -24,7 +24,8 @@ import socketio
 from conftest import REPO_ROOT, free_port, schema_url, wait_for
 from monitor_client import CLUSTER_STATUS, MonitorClient
 
-from sample_app.workers import DEFAULT_MESSAGE_QUEUE, parse_args
+from sample_app.__main__ import drain_timeout
+from sample_app.workers import DEFAULT_MESSAGE_QUEUE, STOP_TIMEOUT, parse_args
 
 TOKEN = "sample-workers-test-token"
 #: How long the fleet may take to show up in a worker's cluster view (two shared CPU
@@ -171,6 +172,9 @@ def test_sample_app_workers_launcher_runs_a_fleet_and_forwards_ctrl_c(
     launched.proc.send_signal(signal.SIGINT)
     assert launched.proc.wait(45) == 0, launched.output()
     assert "stopped 2 worker(s)" in launched.output()
+    # each worker drained (nothing was in flight), closed its connections and exited
+    assert launched.output().count("SIGINT: draining") == 2, launched.output()
+    assert launched.output().count(": drained, ") == 2, launched.output()
     for _, pid in workers.values():
         assert pid_gone(pid), f"worker pid {pid} still runs after Ctrl-C"
 
@@ -245,6 +249,14 @@ def test_sample_app_workers_launcher_rejects_bad_arguments(
         parse_args(argv, environ={})
     assert info.value.code == 2
     assert complaint in capsys.readouterr().err
+
+
+def test_sample_app_workers_launcher_waits_longer_than_the_drain() -> None:
+    """After Ctrl-C the workers drain; the launcher's second signal stops them at once,
+    so it must not come before the drain timeout has passed."""
+    assert drain_timeout({}) == 30.0
+    assert drain_timeout({"DBCTX_DRAIN_TIMEOUT": "5"}) == 5.0
+    assert drain_timeout() + 10 <= STOP_TIMEOUT
 
 
 def test_sample_app_workers_launcher_defaults() -> None:

@@ -260,7 +260,7 @@
   function totals() {
     var now = Date.now();
     var t = { checkedOut: 0, capacity: 0, waiting: 0, leaks: 0, rate: 0, events: 0, live: 0, status: "unknown" };
-    var rank = { unknown: 0, healthy: 1, warning: 2, exhausted: 3 };
+    var rank = { unknown: 0, healthy: 1, warning: 2, exhausted: 3, unhealthy: 4, draining: 5 };
     workers.forEach(function (entry) {
       if (!live(entry, now)) return;
       var p = entry.payload;
