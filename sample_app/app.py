@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, jsonify, render_template, send_f
 from flask_socketio import SocketIO
 from sqlalchemy import event
 
-from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
+from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError, idempotency_key
 
 from . import book, validation
 from .models import Order, Trade, db
@@ -39,12 +39,11 @@ class Trading(DBContextNamespace):
     ``dbctx.after_commit`` queues any other callback the same way.
     """
 
+    @idempotency_key(validation.client_order_id)
     def on_place_order(self, data: Any) -> dict[str, Any]:
         fields = validation.order_request(data)
         match = book.place(self.db_session, **fields)
-        order = match.order.to_dict()
-        trades = [trade.to_dict() for trade in match.trades]
-        touched = [resting.to_dict() for resting in match.touched]
+        order, trades, touched = match.order, match.trades, match.touched
 
         def broadcast() -> None:
             self.emit("order_placed", order)
@@ -71,11 +70,15 @@ class Trading(DBContextNamespace):
         return {"trades": [t.to_dict() for t in self.db_session.scalars(query)]}
 
     def on_cancel_order(self, order_id: Any) -> dict[str, Any]:
-        order = book.cancel(self.db_session, validation.order_id(order_id))
-        if order is None:
-            raise InvalidRequestError("no open order with that id")
-        self.emit("order_updated", order.to_dict())  # held until the commit
-        return {"ok": True}
+        """``{"ok": true, "order"}``; ``{"ok": false, "order"}`` when the order is no
+        longer open (it filled or was cancelled first); ``invalid_request`` when there
+        is no such order."""
+        result = book.cancel(self.db_session, validation.order_id(order_id))
+        if result is None:
+            raise InvalidRequestError("no order with that id")
+        if result.ok:
+            self.emit("order_updated", result.order)  # held until the commit
+        return {"ok": result.ok, "order": result.order}
 
 
 def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:

@@ -42,6 +42,8 @@ MAX_DURATION = 3600.0
 SAMPLE = 50_000
 #: ack codes after which the run counts as failed
 FAILURES = frozenset({"timeout", "disconnected", "internal_error", "db_unavailable"})
+#: the outcome of a cancel answered ``{"ok": false, "order": ...}``: counted apart
+LATE = "late"
 
 
 def _positive(kind: type, upper: float) -> Any:
@@ -132,11 +134,8 @@ def make_order(rng: random.Random, symbol: str, mid: float = 100.0) -> dict[str,
     """A random valid order near ``mid``: buys and sells overlap, so about half cross."""
     side = rng.choice(("buy", "sell"))
     skew = -0.5 if side == "buy" else 0.5
-    price = round(max(0.01, rng.gauss(mid + skew, 1.0)), 2)
-    if rng.random() < 0.7:
-        qty = float(rng.choice((1, 1, 2, 3, 5)))
-    else:
-        qty = round(rng.uniform(0.1, 4), 2)
+    price = f"{max(0.01, rng.gauss(mid + skew, 1.0)):.2f}"  # on the 0.01 tick
+    qty = str(rng.choice((1, 1, 2, 3, 5))) if rng.random() < 0.7 else f"{rng.uniform(0.1, 4):.2f}"
     return {"symbol": symbol, "side": side, "qty": qty, "price": price}
 
 
@@ -145,6 +144,7 @@ INVALID_ORDERS: list[Any] = [
     {"symbol": "BTC.USD", "side": "hold", "qty": 1, "price": 100},
     {"symbol": "BTC.USD", "side": "buy", "qty": -1, "price": 100},
     {"symbol": "BTC.USD", "side": "buy", "qty": 1},
+    {"symbol": "BTC.USD", "side": "buy", "qty": 0.1 + 0.2, "price": 100},  # off the tick
     "not an order",
 ]
 
@@ -153,6 +153,8 @@ INVALID_ORDERS: list[Any] = [
 class EventStats:
     sent: int = 0
     ok: int = 0
+    #: answered ``{"ok": false, ...}``: a cancel of an order that filled first
+    late: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
 
@@ -168,11 +170,14 @@ class Stats:
         self.broadcasts: Counter[str] = Counter()
 
     def record(self, event: str, seconds: float, error: str | None) -> None:
+        """``error``: None for an ok ack, ``LATE`` for ``{"ok": false}``, else the code."""
         with self._lock:
             stats = self.events.setdefault(event, EventStats())
             stats.sent += 1
             if error is None:
                 stats.ok += 1
+            elif error == LATE:
+                stats.late += 1
             else:
                 stats.errors[error] += 1
             if len(stats.latencies) < SAMPLE:
@@ -199,6 +204,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def _error_code(ack: Any) -> str | None:
+    if isinstance(ack, dict) and ack.get("ok") is False and "error" not in ack:
+        return LATE  # an answer, not an error: the order filled (or went) first
     if isinstance(ack, dict) and "error" not in ack:
         return None
     if isinstance(ack, dict) and isinstance(ack.get("error"), str):
@@ -339,6 +346,7 @@ def summarize(
         events[name] = {
             "sent": s.sent,
             "ok": s.ok,
+            "late": s.late,
             "errors": dict(s.errors),
             "p50_ms": percentile(s.latencies, 0.50),
             "p99_ms": percentile(s.latencies, 0.99),
@@ -355,6 +363,7 @@ def summarize(
         "elapsed_s": round(elapsed, 3),
         "events": sent,
         "acks_ok": ok,
+        "late_cancels": sum(s.late for s in stats.events.values()),
         "errors": dict(errors),
         "events_per_s": round(sent / elapsed, 2) if elapsed > 0 else 0.0,
         "p50_ms": percentile(everything, 0.50),
@@ -393,20 +402,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"sample_app.load: {summary['connected']}/{summary['clients']} clients x "
         f"{summary['rate_per_client']:g} ev/s for {summary['elapsed_s']:.1f} s "
         f"against {summary['url']}",
-        f"{'event':<14}{'sent':>8}{'ok':>8}{'errors':>8}{'p50 ms':>10}{'p99 ms':>10}",
+        f"{'event':<14}{'sent':>8}{'ok':>8}{'late':>6}{'errors':>8}{'p50 ms':>10}{'p99 ms':>10}",
     ]
     for name, e in summary["by_event"].items():
         lines.append(
-            f"{name:<14}{e['sent']:>8}{e['ok']:>8}{sum(e['errors'].values()):>8}"
+            f"{name:<14}{e['sent']:>8}{e['ok']:>8}{e['late']:>6}{sum(e['errors'].values()):>8}"
             f"{ms(e['p50_ms']):>10}{ms(e['p99_ms']):>10}"
         )
     lines.append(
         f"{'total':<14}{summary['events']:>8}{summary['acks_ok']:>8}"
-        f"{sum(summary['errors'].values()):>8}{ms(summary['p50_ms']):>10}"
-        f"{ms(summary['p99_ms']):>10}"
+        f"{summary['late_cancels']:>6}{sum(summary['errors'].values()):>8}"
+        f"{ms(summary['p50_ms']):>10}{ms(summary['p99_ms']):>10}"
     )
     errors = ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())) or "none"
     lines.append(f"errors by code: {errors}")
+    lines.append(
+        f"late cancels (the order filled first; an answer, not an error): "
+        f"{summary['late_cancels']}"
+    )
     seen = summary["broadcasts_seen_by_client_0"]
     lines.append(
         f"throughput: {summary['events_per_s']:.1f} ev/s; client 0 saw "

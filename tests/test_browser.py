@@ -397,8 +397,9 @@ def test_the_page_reconnects_after_a_server_restart(open_page: OpenPage, tmp_pat
         with engine.begin() as conn:
             conn.execute(
                 sa.text(
-                    "INSERT INTO orders (symbol, side, qty, price, status, created_at) "
-                    "VALUES ('BRW.R', 'buy', 7, 1.5, 'open', :now)"
+                    # on SQLite amounts are whole ticks: qty 7 (tick 0.0001), price 1.5 (0.01)
+                    "INSERT INTO orders (symbol, side, qty, filled_qty, price, status, "
+                    "created_at) VALUES ('BRW.R', 'buy', 70000, 0, 150, 'open', :now)"
                 ),
                 {"now": time.time()},
             )
