@@ -682,3 +682,32 @@ def test_default_database_is_sqlite_in_the_instance_folder(
     finally:
         with app.app_context():
             db.engine.dispose()
+
+
+def test_a_book_locked_too_long_answers_busy(
+    trading: tuple[Flask, SocketIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: another transaction holds the book's advisory lock past the lock
+    timeout: the order is acked ``busy`` with a retry hint, and nothing is stored."""
+    from sample_app import book
+
+    app, socketio = trading
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("the advisory lock is PostgreSQL's")
+        holder = db.engine.connect()
+    monkeypatch.setattr(book, "LOCK_TIMEOUT", 0.2)
+    client = socketio.test_client(app, namespace=NS)
+    try:
+        with holder.begin():
+            holder.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('LOCKED'))"))
+            ack = client.emit(
+                "place_order", {**GOOD, "symbol": "LOCKED"}, namespace=NS, callback=True
+            )
+    finally:
+        holder.close()
+    assert ack["error"] == "busy" and ack["retryable"] is True, ack
+    assert ack["retry_after_ms"] == 500
+    assert _stored(app) == 0
+    assert _place(client, "LOCKED", "buy", 1, 1)["status"] == "open"
+    assert _checked_out(app) == 0
