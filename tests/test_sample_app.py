@@ -711,3 +711,29 @@ def test_a_book_locked_too_long_answers_busy(
     assert _stored(app) == 0
     assert _place(client, "LOCKED", "buy", 1, 1)["status"] == "open"
     assert _checked_out(app) == 0
+
+
+def test_a_repeated_client_order_id_is_placed_once(trading: tuple[Flask, SocketIO]) -> None:
+    """``place_order`` is ``@idempotency_key(client_order_id)``: the page resends an order
+    with its id after no answer, ``busy`` or ``outcome_unknown``; the repeat gets the first
+    ack, from any client, and nothing is stored twice."""
+    from socketio_dbctx import DBContext
+
+    if not hasattr(DBContext, "create_tables"):
+        pytest.skip("idempotency keys are not implemented by socketio_dbctx yet")
+    app, socketio = trading
+    a = socketio.test_client(app, namespace=NS)
+    b = socketio.test_client(app, namespace=NS)
+    order = {**GOOD, "client_order_id": "page-0123456789abcdef"}
+    first = a.emit("place_order", order, namespace=NS, callback=True)
+    assert first["ok"] is True
+    assert a.emit("place_order", order, namespace=NS, callback=True) == first
+    assert b.emit("place_order", order, namespace=NS, callback=True) == first
+    assert _stored(app) == 1
+    other = b.emit(
+        "place_order", {**order, "client_order_id": "page-fedcba9876543210"}, namespace=NS,
+        callback=True,
+    )  # fmt: skip
+    assert other["ok"] is True and other["order"]["id"] != first["order"]["id"]
+    assert _stored(app) == 2
+    assert _checked_out(app) == 0

@@ -135,3 +135,16 @@ def test_a_quiet_run(async_mode: str | None, stop_signal: int, tmp_path: Path) -
     mode = async_mode or "threading"
     assert f"sample app ({mode})" in log
     assert unexpected_lines(log) == [], log
+
+
+def test_gevent_is_the_default_without_simple_websocket(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = {"simple_websocket"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+    assert default_async_mode() == "gevent"
+    missing.add("gevent")
+    assert default_async_mode() == "threading"  # long-polling, but never eventlet
