@@ -99,9 +99,28 @@ def allowed_origin(origin: str | None, environ: dict[str, Any]) -> bool:
     (which :class:`HostGuard` has already checked). No ``Origin``: not a browser."""
     if origin is None:
         return True
-    host = environ.get("HTTP_HOST", "")
-    scheme = environ.get("wsgi.url_scheme", "http")
-    return bool(host) and origin.lower() == f"{scheme}://{host}".lower()
+    return (
+        _site(origin)
+        == _site(f"{environ.get('wsgi.url_scheme', 'http')}://{environ.get('HTTP_HOST', '')}")
+        and _site(origin) is not None
+    )
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _site(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` with the default port filled in; None when malformed."""
+    try:
+        parts = urlsplit(url.lower())
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
+        return None
+    if parts.path or parts.query or parts.fragment or parts.username is not None:
+        return None
+    return parts.scheme, parts.hostname, port
 
 
 def guard(

@@ -159,6 +159,22 @@ def test_default_allow_list_is_the_listening_address() -> None:
             parse_args(bad, {})
 
 
+def test_origins_compare_by_scheme_host_and_port() -> None:
+    from sample_app.hosts import allowed_origin
+
+    env = {"wsgi.url_scheme": "https", "HTTP_HOST": "desk.example"}
+    assert allowed_origin("https://desk.example", env)
+    assert allowed_origin("https://desk.example:443", env)  # the default port, spelt out
+    assert allowed_origin("https://DESK.example", env)
+    assert allowed_origin("https://desk.example", {**env, "HTTP_HOST": "desk.example:443"})
+    for origin in ("http://desk.example", "https://desk.example:8443", "https://evil.example",
+                   "null", "", "https://desk.example/path", "https://u@desk.example",
+                   "https://desk.example:99999"):  # fmt: skip
+        assert not allowed_origin(origin, env), origin
+    assert not allowed_origin("https://desk.example", {**env, "HTTP_HOST": ""})
+    assert allowed_origin(None, env)  # not a browser
+
+
 @pytest.mark.parametrize(
     ("header", "name"),
     [
