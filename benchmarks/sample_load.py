@@ -14,7 +14,8 @@ it in several ways, one after the other on a fresh schema each:
 Reported per run: events offered and done per second, late cancels, errors, latency
 p50/p99 seen by the clients (all events, and ``place_order``), the server's own
 ``place_order`` p50/p99 (``get_status``: the handler, without the network and the
-client), and the CPU seconds of the server and of the driver.
+client), the peak connections in use and events waiting (the monitor's 1 s pushes),
+and the CPU seconds of the server.
 
 Target (issue 15): >= 95 events/s of 100 offered, p99 <= 100 ms.
 
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import socketio
 from _harness import cpu_seconds, environment, positive_float, postgres_schema, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,16 @@ def one_run(duration: float, extra: list[str], log: Path) -> dict[str, Any]:
         with app:
             assert app.proc is not None
             server_cpu = cpu_seconds(app.proc.pid)
+            peaks = {"checked_out": 0, "waiting": 0}
+            monitor = socketio.Client(reconnection=False)
+
+            @monitor.on("pool_status", namespace="/monitor")
+            def pool_status(status: dict[str, Any]) -> None:
+                pool = status["pools"]["default"]
+                for key in peaks:
+                    peaks[key] = max(peaks[key], pool[key])
+
+            monitor.connect(app.url, namespaces=["/monitor"], auth={"token": TOKEN})
             started = time.monotonic()
             driver = subprocess.run(
                 [sys.executable, "-m", "sample_app.load", "--url", app.url,
@@ -80,11 +92,13 @@ def one_run(duration: float, extra: list[str], log: Path) -> dict[str, Any]:
                 cwd=ROOT, capture_output=True, text=True, timeout=duration + 120,
             )  # fmt: skip
             server_cpu = cpu_seconds(app.proc.pid) - server_cpu
+            monitor.disconnect()
         wall = time.monotonic() - started
     if driver.returncode not in (0, 1):
         raise SystemExit(f"the load driver failed:\n{driver.stdout}\n{driver.stderr}")
     summary: dict[str, Any] = json.loads(driver.stdout)
     summary["server_cpu_s"] = server_cpu
+    summary["peaks"] = peaks
     summary["wall_s"] = wall
     return summary
 
@@ -103,6 +117,7 @@ def row(name: str, s: dict[str, Any]) -> list[Any]:
         f"{s['p99_ms']:.1f}",
         f"{place.get('p50_ms', 0):.1f} / {place.get('p99_ms', 0):.1f}",
         f"{server.get('p50_ms') or 0:.1f} / {server.get('p99_ms') or 0:.1f}",
+        f"{s['peaks']['checked_out']} / {s['peaks']['waiting']}",
         f"{s['server_cpu_s']:.1f}",
     ]
 
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         table(
             ["run", "offered ev/s", "done ev/s", "late cancels", "errors", "p50 ms",
              "p99 ms", "place_order p50/p99 ms", "server place_order p50/p99 ms",
-             "server CPU s"],
+             "peak in use / waiting", "server CPU s"],
             rows,
         )
     )  # fmt: skip
