@@ -3,9 +3,11 @@
 ``python -m sample_app`` serves it (see ``__main__``); ``python -m sample_app.load``
 trades against it with real Socket.IO clients.
 
-* ``app``: the app factory, the ``/trading`` namespace and the HTTP routes.
-* ``book``: price-time priority matching; its per-symbol lock is held until the transaction ends.
-* ``models``, ``validation``: the tables, and strict checks of what clients send.
+* ``app``: the app factory, the ``/trading`` namespace, the HTTP routes and the web server.
+* ``book``: price-time priority matching; a book's lock is held until the transaction ends.
+* ``models``, ``validation``, ``money``: the tables, strict checks of what clients send, and
+  exact decimal amounts on a tick.
+* ``hosts``: the allow-list of hosts and origins (DNS rebinding), forwarded headers.
 * ``static/``, ``templates/``: the dashboard page; ``static/vendor/`` holds the
   browser libraries from npm (``package.json`` at the repository root,
   ``npm ci && npm run vendor`` to update them).

@@ -1,9 +1,14 @@
 """``python -m sample_app [--host H] [--port P] [--async-mode M] [--database-url URL]
-[--message-queue URL]``.
+[--message-queue URL] [--allowed-hosts H1,H2] [--trusted-proxies N]``.
 
-Environment: ``DATABASE_URL``, ``SOCKETIO_MESSAGE_QUEUE``, ``DBCTX_MONITOR_AUTH`` (the
-token of the ``/monitor`` namespace; generated at start when unset, and printed with
-the dashboard URL), ``DBCTX_DRAIN_TIMEOUT``.
+Environment: ``DATABASE_URL``, ``SOCKETIO_MESSAGE_QUEUE``, ``ALLOWED_HOSTS``,
+``TRUSTED_PROXIES``, ``DBCTX_MONITOR_AUTH`` (the token of the ``/monitor``
+namespace; generated at start when unset; printed in the dashboard URL),
+``DBCTX_DRAIN_TIMEOUT``.
+
+The default async mode follows Flask-SocketIO's advice: threading, whose WebSocket
+comes from simple-websocket; else gevent; never eventlet, which is deprecated
+upstream (ask for it with ``--async-mode eventlet``).
 
 Ctrl-C or SIGTERM drains (new events are acked ``busy``, the ones in flight finish and
 ack, ``/healthz`` answers 503), closes every connection and exits; a second one stops
@@ -17,13 +22,17 @@ import importlib.util
 import os
 import secrets
 import sys
+import warnings
 from collections.abc import Mapping
 from urllib.parse import quote
 
 
 def default_async_mode() -> str:
-    """eventlet when installed, else threading (DESIGN section 9)."""
-    return "eventlet" if importlib.util.find_spec("eventlet") else "threading"
+    """threading when simple-websocket is installed, else gevent when installed, else
+    threading (long-polling only). Never eventlet: it is deprecated upstream."""
+    if importlib.util.find_spec("simple_websocket") is None and importlib.util.find_spec("gevent"):
+        return "gevent"
+    return "threading"
 
 
 def parse_args(
@@ -39,7 +48,7 @@ def parse_args(
         "--async-mode",
         choices=("eventlet", "gevent", "threading"),
         default=default_async_mode(),
-        help="default: eventlet when installed, else threading",
+        help="default: threading (with simple-websocket), else gevent; eventlet is deprecated",
     )
     parser.add_argument(
         "--database-url",
@@ -51,9 +60,32 @@ def parse_args(
         default=environ.get("SOCKETIO_MESSAGE_QUEUE") or None,
         help="Socket.IO message queue URL for several workers (env SOCKETIO_MESSAGE_QUEUE)",
     )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=environ.get("ALLOWED_HOSTS") or None,
+        help="comma-separated host names browsers and clients may use (env ALLOWED_HOSTS; "
+        "'*' for any); default: the --host address (and the loopback names for loopback)",
+    )
+    parser.add_argument(
+        "--trusted-proxies",
+        type=int,
+        default=int(environ.get("TRUSTED_PROXIES") or 0),
+        help="proxies in front of the app whose X-Forwarded-* headers count "
+        "(env TRUSTED_PROXIES; default 0: those headers are ignored)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0-65535, got {args.port}")
+    if not 0 <= args.trusted_proxies <= 10:
+        parser.error(f"--trusted-proxies must be 0-10, got {args.trusted_proxies}")
+    from .hosts import default_allowed_hosts, parse_hosts
+
+    if args.allowed_hosts is None:
+        args.allowed_hosts = default_allowed_hosts(args.host)
+    else:
+        args.allowed_hosts = parse_hosts(args.allowed_hosts)
+        if not args.allowed_hosts:
+            parser.error("--allowed-hosts is empty")
     return args
 
 
@@ -74,7 +106,7 @@ def drain_timeout(environ: Mapping[str, str] = os.environ) -> float:
 
 
 def dashboard_url(host: str, port: int, token: str | None) -> str:
-    """Where to point a browser; ``token=None`` leaves a placeholder."""
+    """Where to point a browser (``token=None``: a placeholder)."""
     if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine answers on loopback
         host = "127.0.0.1"
     if ":" in host:
@@ -87,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Monkey-patching has to happen before anything imports socket, threading or the driver.
     if args.async_mode == "eventlet":
+        # one line instead of eventlet's nine-line warning: the user asked for it
+        print(
+            "eventlet is deprecated upstream; Flask-SocketIO advises the default "
+            "(threading) or --async-mode gevent",
+            flush=True,
+        )
+        warnings.filterwarnings("ignore", message=r"(?s).*Eventlet is deprecated")
         import eventlet
 
         eventlet.monkey_patch()
@@ -110,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         message_queue=args.message_queue,
         monitor_auth=token,
         config={"DBCTX_DRAIN_TIMEOUT": drain_timeout()},
+        allowed_hosts=args.allowed_hosts,
+        trusted_proxies=args.trusted_proxies,
     )
     app.extensions["dbctx"].drain_on_signals()  # Ctrl-C and SIGTERM: drain, then exit
     print(
@@ -119,10 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if generated:
         print("monitor token generated (set DBCTX_MONITOR_AUTH to choose one)", flush=True)
-    print(
-        f"dashboard: {dashboard_url(args.host, args.port, token if generated else None)}",
-        flush=True,
-    )
+    print(f"allowed hosts: {', '.join(args.allowed_hosts)}", flush=True)
+    print(f"dashboard: {dashboard_url(args.host, args.port, token)}", flush=True)
     run(app, socketio, host=args.host, port=args.port)
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, render_template, send_from_directory
 from flask_socketio import SocketIO
 from sqlalchemy import event
 
-from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
+from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError, idempotency_key
 
-from . import book, validation
+from . import book, hosts, validation
 from .models import Order, Trade, db
 
 #: Everything the page loads comes from the app itself; the browser enforces it too.
@@ -27,6 +29,8 @@ CONTENT_SECURITY_POLICY = (
 #: Defaults of the sample app; ``create_app(config=...)`` overrides them.
 DEFAULT_CONFIG: dict[str, Any] = {
     "DBCTX_MONITOR_INTERVAL": 1.0,  # the dashboard's chart moves every second
+    # a statement running longer is cancelled by the server and acked `timeout`
+    "DBCTX_STATEMENT_TIMEOUT": 5.0,
 }
 
 
@@ -39,12 +43,11 @@ class Trading(DBContextNamespace):
     ``dbctx.after_commit`` queues any other callback the same way.
     """
 
+    @idempotency_key(validation.client_order_id)
     def on_place_order(self, data: Any) -> dict[str, Any]:
         fields = validation.order_request(data)
         match = book.place(self.db_session, **fields)
-        order = match.order.to_dict()
-        trades = [trade.to_dict() for trade in match.trades]
-        touched = [resting.to_dict() for resting in match.touched]
+        order, trades, touched = match.order, match.trades, match.touched
 
         def broadcast() -> None:
             self.emit("order_placed", order)
@@ -71,11 +74,15 @@ class Trading(DBContextNamespace):
         return {"trades": [t.to_dict() for t in self.db_session.scalars(query)]}
 
     def on_cancel_order(self, order_id: Any) -> dict[str, Any]:
-        order = book.cancel(self.db_session, validation.order_id(order_id))
-        if order is None:
-            raise InvalidRequestError("no open order with that id")
-        self.emit("order_updated", order.to_dict())  # held until the commit
-        return {"ok": True}
+        """``{"ok": true, "order"}``; ``{"ok": false, "order"}`` when the order is no
+        longer open (it filled or was cancelled first); ``invalid_request`` when there
+        is no such order."""
+        result = book.cancel(self.db_session, validation.order_id(order_id))
+        if result is None:
+            raise InvalidRequestError("no order with that id")
+        if result.ok:
+            self.emit("order_updated", result.order)  # held until the commit
+        return {"ok": result.ok, "order": result.order}
 
 
 def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
@@ -92,6 +99,8 @@ def create_app(
     config: dict[str, Any] | None = None,
     *,
     monitor_auth: Any = None,
+    allowed_hosts: Sequence[str] | None = None,
+    trusted_proxies: int = 0,
 ) -> tuple[Flask, SocketIO]:
     """Build the app and create its tables.
 
@@ -100,6 +109,11 @@ def create_app(
     :param message_queue: Socket.IO message queue URL, for several workers.
     :param config: extra ``app.config`` (``DBCTX_*`` keys included).
     :param monitor_auth: ``DBCTX_MONITOR_AUTH`` (a token): registers ``/monitor``.
+    :param allowed_hosts: host names requests may carry in ``Host`` (``"*"``: any);
+        default: the loopback names. Browsers may connect only from these hosts'
+        own pages (:mod:`sample_app.hosts`).
+    :param trusted_proxies: how many proxies in front of the app set
+        ``X-Forwarded-*`` headers; 0 (the default) ignores those headers.
     """
     app = Flask(__name__)
     if database_url is None:
@@ -109,7 +123,18 @@ def create_app(
     app.config.update(DEFAULT_CONFIG)
     app.config.update(config or {})
     db.init_app(app)
-    socketio = SocketIO(app, async_mode=async_mode, message_queue=message_queue)
+    socketio = SocketIO(
+        app,
+        async_mode=async_mode,
+        message_queue=message_queue,
+        cors_allowed_origins=hosts.allowed_origin,
+    )
+    # outermost: every request, the Socket.IO endpoint included, passes the host check
+    app.wsgi_app = hosts.guard(  # type: ignore[method-assign]
+        app.wsgi_app,
+        list(allowed_hosts) if allowed_hosts is not None else list(hosts.LOOPBACK_NAMES),
+        trusted_proxies,
+    )
     options = {} if monitor_auth is None else {"monitor_auth": monitor_auth}
     dbctx = DBContext(app, socketio, db, **options)
     socketio.on_namespace(Trading("/trading"))
@@ -153,6 +178,11 @@ def create_app(
         if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             event.listen(engine, "connect", _sqlite_wal)
         db.create_all()
+        # the table of stored idempotent acks (client_order_id); until the library has it,
+        # @idempotency_key is a marker only
+        create_tables = getattr(dbctx, "create_tables", None)
+        if create_tables is not None:
+            create_tables()
     return app, socketio
 
 
@@ -169,12 +199,7 @@ def server_options(async_mode: str) -> dict[str, Any]:
     the load driver measured as a ~50 ms round trip for a 3 ms event.
     """
     if async_mode == "threading":
-        from werkzeug.serving import WSGIRequestHandler
-
-        class Handler(WSGIRequestHandler):
-            disable_nagle_algorithm = True  # socketserver.StreamRequestHandler's switch
-
-        return {"request_handler": Handler}
+        return {"request_handler": _threading_handler()}
     if async_mode == "eventlet":
         from eventlet.wsgi import HttpProtocol
 
@@ -192,21 +217,74 @@ def server_options(async_mode: str) -> dict[str, Any]:
                 _no_delay(self.socket)
                 super().handle()
 
+            def run_application(self) -> None:
+                super().run_application()
+                if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+                    # the WebSocket (simple-websocket) is over: so is the connection.
+                    # Reading on would log the client's close frame as "Invalid http
+                    # version: '\x88\x82...'".
+                    self.close_connection = True
+
         return {"handler_class": GeventHandler}
     return {}
 
 
+def _threading_handler() -> type:
+    from werkzeug.serving import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        disable_nagle_algorithm = True  # socketserver.StreamRequestHandler's switch
+
+        def connection_dropped(self, error: BaseException, environ: Any = None) -> None:
+            # simple-websocket ends a WebSocket by raising ConnectionError. The TCP
+            # connection is done with HTTP: close it. Reading on would take the
+            # client's WebSocket close frame for a request and log it as
+            # "code 400, message Bad request syntax ('\x88\x82...')".
+            self.close_connection = True
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass  # no access log: the dashboard URL carries the monitor token
+
+    return Handler
+
+
 def run(app: Flask, socketio: SocketIO, host: str, port: int) -> None:
-    """Serve until interrupted. No access log: the dashboard URL carries the token."""
+    """Serve until interrupted (Ctrl-C ends it quietly).
+
+    threading: Werkzeug's threaded server, run directly rather than through
+    ``socketio.run``, which prints a production warning for it. With
+    simple-websocket installed it serves WebSocket, which is what the sample needs;
+    the same goes for gevent. No access log in any mode: the dashboard URL carries
+    the monitor token.
+    """
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    socketio.run(
-        app,
-        host=host,
-        port=port,
-        allow_unsafe_werkzeug=True,
-        log_output=False,
-        **server_options(socketio.async_mode),
-    )
+    try:
+        if socketio.async_mode == "threading":
+            from werkzeug.serving import make_server
+
+            server = make_server(
+                host, port, app, threaded=True, request_handler=_threading_handler()
+            )
+            server.serve_forever()
+        elif socketio.async_mode == "gevent":
+            _serve_gevent(app, host, port)
+        else:
+            socketio.run(app, host=host, port=port, log_output=False,
+                         **server_options(socketio.async_mode))  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+
+
+def _serve_gevent(app: Flask, host: str, port: int) -> None:
+    """What ``socketio.run`` does for gevent with simple-websocket, with Ctrl-C
+    stopping the server in the hub (a KeyboardInterrupt raised inside whichever
+    connection's greenlet runs would print its traceback)."""
+    import gevent
+    from gevent import pywsgi
+
+    server = pywsgi.WSGIServer((host, port), app, log=None, **server_options("gevent"))
+    gevent.signal_handler(signal.SIGINT, server.stop, 1.0)
+    server.serve_forever()
 
 
 __all__ = ["CONTENT_SECURITY_POLICY", "Trading", "create_app", "run", "server_options"]

@@ -3,13 +3,24 @@
 An incoming buy crosses the open sells of its symbol whose price is <= its limit,
 lowest price first and, at one price, oldest first; an incoming sell crosses the open
 buys priced >= its limit, highest first. Each fill is a :class:`Trade` at the resting
-order's price. Fills reduce ``qty`` on both sides; an order whose ``qty`` reaches 0 is
-``filled``. Whatever is left of the incoming order rests on the book as ``open``.
+order's price and adds to ``filled_qty`` on both sides; an order whose ``filled_qty``
+reaches its ``qty`` is ``filled``. Whatever is left of the incoming order rests on the
+book as ``open``. Amounts are exact decimals, so fills always sum to what was placed.
 
-One symbol's book is matched by one event at a time: a lock per symbol stripe in this
-process (held until the transaction ends, see :func:`hold`) and, on
-PostgreSQL, a transaction-level advisory lock, so several workers sharing the
-database never match against the same resting order twice.
+One symbol's book is matched by one event at a time, and the lock is held until the
+transaction ends, through the COMMIT socketio_dbctx runs after the handler returns:
+
+* PostgreSQL: a transaction-level advisory lock on the symbol, taken *after* the new
+  order's INSERT (which needs no lock) and released by COMMIT or ROLLBACK; it also
+  serialises several worker processes sharing the database. A wait longer than
+  :data:`LOCK_TIMEOUT` is cancelled by the server (``lock_timeout``) and answered
+  ``busy`` with a ``retry_after_ms`` hint.
+* Other databases (SQLite): a lock per symbol stripe in this process, taken before the
+  first statement (a blocking SQLite call would stall an eventlet or gevent hub).
+
+Matching costs a fixed number of round trips whatever the number of fills: one
+SELECT ... FOR UPDATE per :data:`BATCH` resting orders, one UPDATE (executemany) for
+every order it touched and one INSERT of its trades.
 """
 
 from __future__ import annotations
@@ -18,44 +29,46 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import event, select, text, update
+from sqlalchemy import bindparam, event, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from socketio_dbctx import BusyError
 
-from .models import Order, Trade, db
+from .models import Order, Trade, db, order_dict
 
-__all__ = ["Match", "book_lock", "cancel", "hold", "place"]
+__all__ = ["LOCK_TIMEOUT", "Cancelled", "Match", "book_lock", "cancel", "hold", "place"]
 
-#: Locks per process; symbols share them by hash.
+#: Locks per process (SQLite); symbols share them by hash.
 STRIPES = 64
 #: Seconds an order waits for its book before the client gets ``busy``.
-LOCK_TIMEOUT = 10.0
+LOCK_TIMEOUT = 3.0
 #: Resting orders read per round of matching.
-BATCH = 50
+BATCH = 100
+#: PostgreSQL's SQLSTATE for a lock wait cancelled by ``lock_timeout``.
+LOCK_NOT_AVAILABLE = "55P03"
 
 _locks = [threading.Lock() for _ in range(STRIPES)]
-
-
 _HELD = "sample_app.locks"
 
 
 def book_lock(symbol: str) -> threading.Lock:
-    """The process-local lock of ``symbol``'s book."""
+    """The process-local lock of ``symbol``'s book (databases without advisory locks)."""
     return _locks[zlib.crc32(symbol.encode()) % STRIPES]
 
 
 def hold(session: Session, lock: threading.Lock, timeout: float) -> None:
     """Acquire ``lock`` and keep it until ``session``'s transaction ends (commit or
-    rollback), so the book stays locked through the COMMIT socketio_dbctx runs after
-    the handler returns and no other order matches against a stale book.
+    rollback).
 
     :raises BusyError: when the lock is not free within ``timeout`` seconds (the
         client gets a retryable ``busy`` ack).
     """
     if not lock.acquire(timeout=timeout):
-        raise BusyError("the order book is busy, try again")
+        raise BusyError("the order book is busy, try again", retry_after=0.5)
     try:
         session.connection()  # begin the transaction whose end releases the lock
     except BaseException:
@@ -71,80 +84,145 @@ def _release_locks(session: Session, transaction: SessionTransaction) -> None:
             lock.release()
 
 
+def _advisory_lock(session: Session, symbol: str) -> None:
+    try:
+        # one round trip: the bound on the wait, then the lock (held to COMMIT/ROLLBACK)
+        session.execute(
+            text(
+                "SELECT set_config('lock_timeout', :timeout, true), "
+                "pg_advisory_xact_lock(hashtext(:symbol))"
+            ),
+            {"timeout": f"{int(LOCK_TIMEOUT * 1000)}ms", "symbol": symbol},
+        )
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:
+            raise BusyError(
+                f"the {symbol} book stayed busy for {LOCK_TIMEOUT:g} s, try again",
+                retry_after=0.5,
+            ) from exc
+        raise
+
+
 @dataclass
 class Match:
-    """What placing one order did."""
+    """What placing one order did (all as client dicts, ready to broadcast)."""
 
-    order: Order
-    trades: list[Trade] = field(default_factory=list)
-    #: resting orders whose ``qty``/``status`` changed, in fill order
-    touched: list[Order] = field(default_factory=list)
-
-
-def _lock_book(session: Session, symbol: str) -> None:
-    hold(session, book_lock(symbol), LOCK_TIMEOUT)
-    if session.get_bind().dialect.name == "postgresql":
-        # across worker processes; released by the COMMIT or ROLLBACK
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": symbol})
+    order: dict[str, Any]
+    trades: list[dict[str, Any]] = field(default_factory=list)
+    #: resting orders whose ``filled_qty``/``status`` changed, in fill order
+    touched: list[dict[str, Any]] = field(default_factory=list)
 
 
-def place(session: Session, symbol: str, side: str, qty: float, price: float) -> Match:
+def place(session: Session, symbol: str, side: str, qty: Decimal, price: Decimal) -> Match:
     """Store a new order and match it against the book. Nothing is committed here."""
-    _lock_book(session, symbol)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if not postgres:
+        hold(session, book_lock(symbol), LOCK_TIMEOUT)
     now = time.time()
-    order = Order(symbol=symbol, side=side, qty=qty, price=price, status="open", created_at=now)
+    order = Order(
+        symbol=symbol,
+        side=side,
+        qty=qty,
+        filled_qty=Decimal(0),
+        price=price,
+        status="open",
+        created_at=now,
+    )
     session.add(order)
-    session.flush()
-    match = Match(order)
+    session.flush()  # the INSERT needs no lock: nobody sees the order before COMMIT
+    order_id = order.id
+    if postgres:
+        _advisory_lock(session, symbol)
     if side == "buy":
-        crosses, best_first = Order.price <= price, Order.price.asc()
-        opposite = "sell"
+        crosses, best_first, opposite = Order.price <= price, Order.price.asc(), "sell"
     else:
-        crosses, best_first = Order.price >= price, Order.price.desc()
-        opposite = "buy"
+        crosses, best_first, opposite = Order.price >= price, Order.price.desc(), "buy"
     query = (
-        select(Order)
+        select(
+            Order.id,
+            Order.side,
+            Order.qty,
+            Order.filled_qty,
+            Order.price,
+            Order.created_at,
+        )
         .where(Order.symbol == symbol, Order.side == opposite, Order.status == "open", crosses)
         .order_by(best_first, Order.created_at, Order.id)
         .limit(BATCH)
         .with_for_update()
     )
-    while order.qty > 0:
-        resting_orders = session.scalars(query).all()
-        if not resting_orders:
+    remaining = qty
+    fills: list[dict[str, Any]] = []  # UPDATE parameters of the resting orders
+    touched: list[dict[str, Any]] = []
+    trades: list[Trade] = []
+    seen: set[int] = set()
+    while remaining > 0:
+        rows = [row for row in session.execute(query) if row.id not in seen]
+        if not rows:
             break
-        for resting in resting_orders:
-            fill = min(order.qty, resting.qty)
-            # x - x is exactly 0.0, so the smaller side always ends at exactly 0
-            order.qty -= fill
-            resting.qty -= fill
-            if resting.qty == 0:
-                resting.status = "filled"
-            buy, sell = (order, resting) if side == "buy" else (resting, order)
-            trade = Trade(
-                symbol=symbol,
-                qty=fill,
-                price=resting.price,
-                buy_order_id=buy.id,
-                sell_order_id=sell.id,
-                taker_side=side,
-                created_at=now,
+        for row in rows:
+            seen.add(row.id)
+            fill = min(remaining, row.qty - row.filled_qty)
+            remaining -= fill
+            filled = row.filled_qty + fill
+            status = "filled" if filled == row.qty else "open"
+            fills.append({"b_id": row.id, "b_filled": filled, "b_status": status})
+            touched.append(
+                order_dict(row.id, symbol, row.side, row.qty, filled, row.price, status,
+                           row.created_at)
+            )  # fmt: skip
+            buy, sell = (order_id, row.id) if side == "buy" else (row.id, order_id)
+            trades.append(
+                Trade(
+                    symbol=symbol,
+                    qty=fill,
+                    price=row.price,
+                    buy_order_id=buy,
+                    sell_order_id=sell,
+                    taker_side=side,
+                    created_at=now,
+                )
             )
-            session.add(trade)
-            match.trades.append(trade)
-            match.touched.append(resting)
-            if order.qty == 0:
-                order.status = "filled"
+            if remaining == 0:
                 break
-        session.flush()
-    return match
+        if remaining > 0 and fills:
+            _apply(session, fills)  # this batch is used up: the next SELECT skips it
+            fills = []
+    _apply(session, fills)
+    order.filled_qty = qty - remaining
+    order.status = "filled" if remaining == 0 else "open"
+    session.add_all(trades)
+    session.flush()  # the order's UPDATE and the trades' INSERT
+    return Match(order.to_dict(), [t.to_dict() for t in trades], touched)
 
 
-def cancel(session: Session, order_id: int) -> Order | None:
-    """Cancel an open order; ``None`` when there is no open order with that id.
+_FILL = (
+    update(Order)
+    .where(Order.id == bindparam("b_id"))
+    .values(filled_qty=bindparam("b_filled"), status=bindparam("b_status"))
+)
+
+
+def _apply(session: Session, fills: list[dict[str, Any]]) -> None:
+    if fills:
+        # Core executemany: one batch for every resting order touched
+        session.connection().execute(_FILL, fills)
+
+
+@dataclass
+class Cancelled:
+    """What :func:`cancel` did: ``ok`` False when the order was no longer open."""
+
+    ok: bool
+    order: dict[str, Any]
+
+
+def cancel(session: Session, order_id: int) -> Cancelled | None:
+    """Cancel an open order; ``None`` when there is no order with that id.
 
     One conditional UPDATE: an order that matching filled a moment ago (or that
-    another client cancelled) is not open any more, and stays as it is.
+    another client cancelled) is not open any more, stays as it is, and comes back
+    with ``ok=False``: a race every trader meets, not an error.
     """
     result = session.execute(
         update(Order)
@@ -152,7 +230,7 @@ def cancel(session: Session, order_id: int) -> Order | None:
         .values(status="cancelled")
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
     order = session.get(Order, order_id, populate_existing=True)
-    return order
+    if order is None:
+        return None
+    return Cancelled(result.rowcount == 1, order.to_dict())  # type: ignore[attr-defined]

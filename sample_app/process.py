@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -47,21 +48,23 @@ class SampleAppProcess:
     :param database_url: passed as ``--database-url``.
     :param token: ``DBCTX_MONITOR_AUTH``; ``None`` lets the app generate one, read
         back from its output into :attr:`token`.
-    :param async_mode: ``threading``, ``eventlet`` or ``gevent``.
+    :param async_mode: ``threading``, ``eventlet`` or ``gevent``; None: the app's default.
     :param port: default: a free one (retried if somebody takes it first).
     :param log_path: where stdout and stderr go; default: a temporary file.
     :param start_timeout: seconds to wait for ``/healthz``.
+    :param extra_args: more command-line options (``["--allowed-hosts", "x"]``).
     """
 
     def __init__(
         self,
         database_url: str,
         token: str | None = None,
-        async_mode: str = "threading",
+        async_mode: str | None = "threading",
         port: int | None = None,
         log_path: Path | None = None,
         start_timeout: float = 30.0,
         extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.database_url = database_url
         self.token = token
@@ -69,6 +72,7 @@ class SampleAppProcess:
         self.port = port or 0
         self.start_timeout = start_timeout
         self.extra_env = extra_env or {}
+        self.extra_args = extra_args or []
         if log_path is None:
             handle, name = tempfile.mkstemp(prefix="sample_app-", suffix=".log")
             os.close(handle)
@@ -125,10 +129,10 @@ class SampleAppProcess:
             "127.0.0.1",
             "--port",
             str(port),
-            "--async-mode",
-            self.async_mode,
             "--database-url",
             self.database_url,
+            *(["--async-mode", self.async_mode] if self.async_mode else []),
+            *self.extra_args,
         ]
         with self.log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
@@ -161,11 +165,11 @@ class SampleAppProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> None:
-        """Terminate the process (kill it after 10 s)."""
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` (default SIGTERM; kill it after 10 s)."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(signum)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import math
 import re
+from decimal import Decimal
 from typing import Any
 
 from socketio_dbctx import InvalidRequestError
 
+from .money import PRICE_TICK, QTY_TICK, AmountError, parse_amount
+
 SYMBOL = re.compile(r"[A-Z0-9.]{1,12}")
 ORDER_KEYS = frozenset({"symbol", "side", "qty", "price"})
-MAX_NUMBER = 1e9
+OPTIONAL_ORDER_KEYS = frozenset({"client_order_id"})
+#: A client order id: 8-64 of letters, digits, ``-`` and ``_`` (a UUID fits).
+CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 #: Largest id a 64-bit integer column holds; more would overflow the driver.
 MAX_ID = 2**63 - 1
 
 
-def _number(name: str, value: Any) -> float:
-    # bool is an int subclass; True is not a quantity
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(f"{name} must be a number")
-    if not math.isfinite(value) or not 0 < value <= MAX_NUMBER:
-        raise InvalidRequestError(f"{name} must be finite, > 0 and <= 1e9")
-    return float(value)
+def _amount(name: str, value: Any, tick: Decimal) -> Decimal:
+    try:
+        return parse_amount(name, value, tick)
+    except AmountError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def order_request(data: Any) -> dict[str, Any]:
@@ -29,10 +31,11 @@ def order_request(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequestError("order must be an object")
     keys = set(data)
-    if keys != ORDER_KEYS:
-        missing, extra = sorted(ORDER_KEYS - keys), sorted(map(str, keys - ORDER_KEYS))
+    if not ORDER_KEYS <= keys <= ORDER_KEYS | OPTIONAL_ORDER_KEYS:
+        missing = sorted(ORDER_KEYS - keys)
+        extra = sorted(map(str, keys - ORDER_KEYS - OPTIONAL_ORDER_KEYS))
         raise InvalidRequestError(
-            "order keys must be symbol, side, qty, price"
+            "order keys must be symbol, side, qty, price and optionally client_order_id"
             + (f"; missing {', '.join(missing)}" if missing else "")
             + (f"; unexpected {', '.join(extra)[:100]}" if extra else "")
         )
@@ -41,12 +44,26 @@ def order_request(data: Any) -> dict[str, Any]:
         raise InvalidRequestError("symbol must be 1-12 of A-Z, 0-9 and '.'")
     if side not in ("buy", "sell"):
         raise InvalidRequestError("side must be 'buy' or 'sell'")
+    if "client_order_id" in data and client_order_id(data) is None:
+        raise InvalidRequestError("client_order_id must be 8-64 of A-Z, a-z, 0-9, '-' and '_'")
     return {
         "symbol": symbol,
         "side": side,
-        "qty": _number("qty", data["qty"]),
-        "price": _number("price", data["price"]),
+        "qty": _amount("qty", data["qty"], QTY_TICK),
+        "price": _amount("price", data["price"], PRICE_TICK),
     }
+
+
+def client_order_id(data: Any) -> str | None:
+    """The idempotency key of a ``place_order`` payload: its ``client_order_id``, if any.
+
+    Anything that is not a well-formed id is no key: the handler then refuses it.
+    """
+    if isinstance(data, dict):
+        value = data.get("client_order_id")
+        if isinstance(value, str) and CLIENT_ORDER_ID.fullmatch(value):
+            return value
+    return None
 
 
 def list_request(data: Any, what: str = "list_orders") -> tuple[str | None, int]:

@@ -245,7 +245,12 @@ def test_crossing_orders_make_a_trade_on_both_pages(open_page: OpenPage) -> None
         expect(_order_row(page, sell_id)).to_have_attribute("data-status", "filled")
         buy = _order_row(page, buy_id)
         expect(buy).to_have_attribute("data-status", "open")
-        expect(buy.locator(".qty")).to_have_text("3")  # 5 - 2 still open
+        expect(buy.locator(".qty")).to_have_text("5")  # as placed
+        expect(buy.locator(".filled")).to_have_text("2")
+        expect(buy.locator(".open-qty")).to_have_text("3")  # 5 - 2 still open
+        sell = _order_row(page, sell_id)
+        expect(sell.locator(".qty")).to_have_text("2")  # filled: the original stays
+        expect(sell.locator(".open-qty")).to_have_text("0")
 
 
 def test_cancel_from_the_page(open_page: OpenPage) -> None:
@@ -353,6 +358,125 @@ def test_the_monitor_moves_under_load(open_page: OpenPage, server: SampleAppProc
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
+#: Problems with the page's layout, as a list of strings (empty: fine).
+LAYOUT_JS = """() => {
+  const problems = [];
+  const doc = document.documentElement;
+  if (doc.scrollWidth > window.innerWidth + 1)
+    problems.push(`the page scrolls sideways: ${doc.scrollWidth} > ${window.innerWidth}`);
+  const box = (el) => el.getBoundingClientRect();
+  const overlap = (a, b) => a.left < b.right - 1 && b.left < a.right - 1 &&
+    a.top < b.bottom - 1 && b.top < a.bottom - 1;
+  const inside = (a, b) => a.left >= b.left - 1 && a.right <= b.right + 1 &&
+    a.top >= b.top - 1 && a.bottom <= b.bottom + 1;
+  const clipped = (el) => el.scrollWidth > el.clientWidth + 1;
+  // the order form: fields and button side by side or stacked, never on each other
+  const form = document.getElementById("order-form");
+  const parts = [...form.querySelectorAll("label, button")];
+  parts.forEach((a, i) => parts.slice(i + 1).forEach((b) => {
+    if (overlap(box(a), box(b)))
+      problems.push(`order form: ${a.textContent.trim()} overlaps ${b.textContent.trim()}`);
+  }));
+  form.querySelectorAll("label, input, select, button").forEach((el) => {
+    if (!inside(box(el), box(form.closest(".card"))))
+      problems.push(`order form: ${el.id || el.textContent.trim()} sticks out of its card`);
+  });
+  form.querySelectorAll("input").forEach((el) => {
+    if (clipped(el)) problems.push(`order form: ${el.id} cuts its value ${el.value}`);
+  });
+  // every card inside the viewport's width; stats and badges not cut
+  document.querySelectorAll(".card, .badge").forEach((el) => {
+    const b = box(el);
+    if (b.left < -1 || b.right > window.innerWidth + 1)
+      problems.push(`${el.id || el.className} is outside the viewport`);
+  });
+  document.querySelectorAll(".stat .label, .stat .value, .badge, .pill").forEach((el) => {
+    if (clipped(el)) problems.push(`cut: ${el.id || el.className} "${el.textContent}"`);
+  });
+  // the latency table fits its card: no column cut, no scroll
+  const latency = document.getElementById("latency");
+  const wrap = latency.parentElement;
+  if (clipped(wrap))
+    problems.push(`the latency table is cut: ${wrap.scrollWidth} > ${wrap.clientWidth}`);
+  const last = latency.querySelector("thead th:last-child");
+  if (!inside(box(last), box(latency.closest(".card"))))
+    problems.push("the latency table's p99 column is outside its card");
+  // the workers table too, on a desktop
+  const workers = document.getElementById("workers").parentElement;
+  if (window.innerWidth >= 1000 && clipped(workers))
+    problems.push(`the workers table is cut: ${workers.scrollWidth} > ${workers.clientWidth}`);
+  // orders and trades: whole on a desktop; on a phone they may scroll inside their card
+  // (a scrollable box: every column reachable), never the page
+  document.querySelectorAll(".scroll").forEach((el) => {
+    if (!clipped(el)) return;
+    if (window.innerWidth >= 1000) problems.push(`${el.firstElementChild.id} is cut`);
+    else if (!["auto", "scroll"].includes(getComputedStyle(el).overflowX))
+      problems.push(`${el.firstElementChild.id} is cut and cannot scroll`);
+  });
+  return problems;
+}"""
+
+SIZES = {"phone": (390, 844), "laptop": (1280, 800), "desktop": (1920, 1080)}
+
+
+def _assert_layout(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+    problems = page.evaluate(LAYOUT_JS)
+    assert problems == [], f"{name}: {problems} (see test-artifacts/dashboard-{name}.png)"
+
+
+@pytest.mark.parametrize("size", list(SIZES), ids=list(SIZES))
+def test_the_layout_holds_on_phones_and_desktops(
+    browser: Browser, server: SampleAppProcess, size: str
+) -> None:
+    """Nothing overlaps, is cut or scrolls sideways: the page at 390, 1280 and 1920 px
+    wide, with orders, a trade and the monitor's tables filled in."""
+    from playwright.sync_api import expect
+
+    width, height = SIZES[size]
+    context = browser.new_context(viewport={"width": width, "height": height})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        watch = Watch(page, server.url)
+        page.goto(f"{server.url}/?token={TOKEN}")
+        _connected(page)
+        expect(page.locator("#monitor-state")).to_have_attribute("data-state", "connected")
+        expect(page.locator("#order-symbol")).to_have_value("BTC.USD")
+        symbol = f"LAYOUT.{size[:3].upper()}"  # a book of its own
+        sell = _place(page, symbol, "sell", "12.3456", "123456.78")
+        _place(page, symbol, "buy", "2.5", "123456.78")
+        expect(_order_row(page, sell).locator(".open-qty")).to_have_text("9.8456")
+        expect(page.locator('#latency tr[data-event="/trading:place_order"]')).to_be_visible()
+        expect(page.locator("#stat-checked-out")).to_have_text(re.compile(r"^\d+ / \d+$"))
+        _assert_layout(page, size)
+        assert watch.problems() == []
+    finally:
+        context.close()
+
+
+def test_every_status_has_a_pill(open_page: OpenPage) -> None:
+    """``unhealthy`` and ``draining`` (issue 12) have styles of their own; a status the
+    page does not know still shows, in the plain pill."""
+    page, _ = open_page()
+    _connected(page)
+    colors = page.evaluate(
+        """() => Object.fromEntries(
+          ["healthy", "warning", "exhausted", "unhealthy", "draining", "someday"].map((s) => {
+            const pill = document.createElement("span");
+            pill.className = "pill status-" + s;
+            pill.textContent = s;
+            document.body.appendChild(pill);
+            const style = getComputedStyle(pill);
+            return [s, style.backgroundColor + " " + style.color];
+          }))"""
+    )
+    plain = colors.pop("someday")
+    assert colors["unhealthy"] != plain and colors["draining"] != plain
+    assert len(set(colors.values())) == len(colors), colors
+
+
 def test_a_wrong_token_is_refused_and_trading_still_works(open_page: OpenPage) -> None:
     from playwright.sync_api import expect
 
@@ -361,6 +485,10 @@ def test_a_wrong_token_is_refused_and_trading_still_works(open_page: OpenPage) -
     expect(page.locator("#monitor-state")).to_have_attribute("data-state", "refused")
     expect(page.locator("#monitor-message")).to_contain_text("refused")
     expect(page.locator("#workers tbody tr")).to_have_count(0)
+    page.wait_for_timeout(1500)  # the page re-renders the monitor every second
+    for stat in ("checked-out", "utilization", "rate", "events", "waiting", "leaks"):
+        expect(page.locator(f"#stat-{stat}")).to_have_text("\u2013")  # a dash, not a zero
+    expect(page.locator("#monitor-status")).to_have_text("no data")
     assert _place(page, "BRW.W", "buy", "1", "1") > 0
 
 
@@ -397,8 +525,9 @@ def test_the_page_reconnects_after_a_server_restart(open_page: OpenPage, tmp_pat
         with engine.begin() as conn:
             conn.execute(
                 sa.text(
-                    "INSERT INTO orders (symbol, side, qty, price, status, created_at) "
-                    "VALUES ('BRW.R', 'buy', 7, 1.5, 'open', :now)"
+                    # on SQLite amounts are whole ticks: qty 7 (tick 0.0001), price 1.5 (0.01)
+                    "INSERT INTO orders (symbol, side, qty, filled_qty, price, status, "
+                    "created_at) VALUES ('BRW.R', 'buy', 70000, 0, 150, 'open', :now)"
                 ),
                 {"now": time.time()},
             )
@@ -431,6 +560,7 @@ def test_several_workers_show_on_one_page(
     try:
         second = _start(database_url, tmp_path / "second.log", async_mode="eventlet", env=env)
         page, _ = open_page(app=first)
+        page.set_viewport_size({"width": 1400, "height": 1000})
         _connected(page)
         host = socket.gethostname()
         for worker in (first, second):
@@ -451,6 +581,10 @@ def test_several_workers_show_on_one_page(
             client.disconnect()
         assert ack["ok"] is True
         expect(_order_row(page, ack["order"]["id"])).to_have_attribute("data-status", "open")
+        # both workers' latency rows, p99 column included, fit at 1400 px
+        expect(page.locator('#latency tr[data-event="/trading:place_order"]')).to_have_count(1)
+        expect(page.locator("#latency tbody tr")).not_to_have_count(0)
+        _assert_layout(page, "workers-1400")
         page.context.close()  # before the servers go: no reconnection attempts to report
     finally:
         first.stop()

@@ -4,8 +4,10 @@ broadcasts after commit), /monitor, /metrics, /healthz, the page's assets and th
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Iterator
+from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +50,25 @@ def test_place_list_cancel(trading: tuple[Flask, SocketIO]) -> None:
     ack = a.emit("place_order", GOOD, namespace=NS, callback=True)
     assert ack["ok"] is True
     order = ack["order"]
-    assert {k: order[k] for k in GOOD} == GOOD
+    assert (order["symbol"], order["side"], order["qty"], order["price"]) == (
+        "BTC.USD",
+        "buy",
+        "1.5",
+        "100",
+    )
+    assert (order["filled_qty"], order["open_qty"]) == ("0", "1.5")
     assert order["status"] == "open" and isinstance(order["id"], int)
     # the other client is told
     received = [m for m in b.get_received(NS) if m["name"] == "order_placed"]
     assert received and received[0]["args"][0]["id"] == order["id"]
     listed = a.emit("list_orders", namespace=NS, callback=True)
     assert [o["id"] for o in listed["orders"]] == [order["id"]]
-    assert a.emit("cancel_order", order["id"], namespace=NS, callback=True) == {"ok": True}
+    cancelled = {**order, "status": "cancelled", "open_qty": "0"}
+    ack = a.emit("cancel_order", order["id"], namespace=NS, callback=True)
+    assert ack == {"ok": True, "order": cancelled}
+    # a second cancel is an answer, not an error: the order is no longer open
     again = a.emit("cancel_order", order["id"], namespace=NS, callback=True)
-    assert again["error"] == "invalid_request"
+    assert again == {"ok": False, "order": cancelled}
     assert _checked_out(app) == 0
 
 
@@ -80,8 +91,39 @@ BAD_ORDERS: list[Any] = [
     {**GOOD, "qty": math.inf},
     {**GOOD, "price": -math.inf},
     {**GOOD, "qty": True},
-    {**GOOD, "price": "100"},
     {**GOOD, "price": 1e9 + 1},
+    {**GOOD, "price": "1000000000.01"},
+    {**GOOD, "qty": 10**30},
+    {**GOOD, "qty": -(10**30)},
+    # off the tick (price 0.01, qty 0.0001), below one tick, malformed strings
+    {**GOOD, "price": 0.1 + 0.2},  # 0.30000000000000004, what JavaScript sends
+    {**GOOD, "price": 100.001},
+    {**GOOD, "price": "100.001"},
+    {**GOOD, "price": 0.001},
+    {**GOOD, "price": "0"},
+    {**GOOD, "qty": 0.00001},
+    {**GOOD, "qty": 5e-324},
+    {**GOOD, "qty": 1e-17},
+    {**GOOD, "qty": "1e3"},
+    {**GOOD, "qty": "-1"},
+    {**GOOD, "qty": "+1"},
+    {**GOOD, "qty": " 1"},
+    {**GOOD, "qty": "1."},
+    {**GOOD, "qty": ".5"},
+    {**GOOD, "qty": "NaN"},
+    {**GOOD, "qty": "Infinity"},
+    {**GOOD, "qty": "1_000"},
+    {**GOOD, "qty": "\u0661"},  # ARABIC-INDIC DIGIT ONE: a digit, not ASCII
+    {**GOOD, "qty": "1" * 100_000},
+    {**GOOD, "qty": None},
+    {**GOOD, "qty": [1]},
+    {**GOOD, "price": {"value": 1}},
+    # client order ids: 8-64 of [A-Za-z0-9_-]
+    {**GOOD, "client_order_id": "short"},
+    {**GOOD, "client_order_id": "x" * 65},
+    {**GOOD, "client_order_id": "has space1"},
+    {**GOOD, "client_order_id": 12345678},
+    {**GOOD, "client_order_id": None},
 ]
 
 
@@ -145,19 +187,21 @@ def test_price_time_priority(trading: tuple[Flask, SocketIO]) -> None:
     s103 = _place(client, "X", "sell", 1, 103)
     _place(client, "Y", "sell", 1, 50)  # another symbol never matches
     buy = _place(client, "X", "buy", 2.5, 102)
-    assert buy["status"] == "filled" and buy["qty"] == 0
+    assert buy["status"] == "filled"
+    assert (buy["qty"], buy["filled_qty"], buy["open_qty"]) == ("2.5", "2.5", "0")
     trades = _trades(app)
     assert [(t.sell_order_id, t.price, t.qty) for t in trades] == [
-        (s100_old["id"], 100.0, 1.0),
-        (s100_new["id"], 100.0, 1.0),
-        (s101["id"], 101.0, 0.5),
+        (s100_old["id"], D("100"), D("1")),
+        (s100_new["id"], D("100"), D("1")),
+        (s101["id"], D("101"), D("0.5")),
     ]
     assert all(t.buy_order_id == buy["id"] and t.taker_side == "buy" for t in trades)
     orders = _orders(app)
     assert orders[s100_old["id"]].status == orders[s100_new["id"]].status == "filled"
-    assert orders[s100_old["id"]].qty == 0
-    assert orders[s101["id"]].status == "open" and orders[s101["id"]].qty == pytest.approx(0.5)
-    assert orders[s103["id"]].status == "open" and orders[s103["id"]].qty == 1
+    assert orders[s100_old["id"]].open_qty == 0
+    assert orders[s101["id"]].status == "open" and orders[s101["id"]].open_qty == D("0.5")
+    assert orders[s101["id"]].qty == 1 and orders[s101["id"]].filled_qty == D("0.5")
+    assert orders[s103["id"]].status == "open" and orders[s103["id"]].open_qty == 1
     assert _checked_out(app) == 0
 
 
@@ -167,15 +211,15 @@ def test_sell_takes_highest_buy_at_its_price(trading: tuple[Flask, SocketIO]) ->
     low = _place(client, "X", "buy", 1, 99)
     high = _place(client, "X", "buy", 1, 100)
     sell = _place(client, "X", "sell", 1.5, 95)
-    assert sell["status"] == "filled" and sell["qty"] == 0
+    assert sell["status"] == "filled" and sell["open_qty"] == "0"
     trades = _trades(app)
     assert [(t.buy_order_id, t.price, t.qty) for t in trades] == [
-        (high["id"], 100.0, 1.0),
-        (low["id"], 99.0, 0.5),
+        (high["id"], D("100"), D("1")),
+        (low["id"], D("99"), D("0.5")),
     ]
     assert all(t.sell_order_id == sell["id"] and t.taker_side == "sell" for t in trades)
     orders = _orders(app)
-    assert orders[low["id"]].status == "open" and orders[low["id"]].qty == pytest.approx(0.5)
+    assert orders[low["id"]].status == "open" and orders[low["id"]].open_qty == D("0.5")
 
 
 def test_partial_fill_of_the_resting_order(trading: tuple[Flask, SocketIO]) -> None:
@@ -186,9 +230,9 @@ def test_partial_fill_of_the_resting_order(trading: tuple[Flask, SocketIO]) -> N
     a.get_received(NS)
     b.get_received(NS)
     buy = _place(a, "X", "buy", 2, 100)
-    assert buy["status"] == "filled" and buy["qty"] == 0
+    assert buy["status"] == "filled" and buy["open_qty"] == "0"
     orders = _orders(app)
-    assert orders[sell["id"]].status == "open" and orders[sell["id"]].qty == 3
+    assert orders[sell["id"]].status == "open" and orders[sell["id"]].open_qty == 3
     # every client hears of the order, the trade and the resting order's new state
     for client in (a, b):
         received = client.get_received(NS)
@@ -196,9 +240,10 @@ def test_partial_fill_of_the_resting_order(trading: tuple[Flask, SocketIO]) -> N
         assert names == ["order_placed", "trade", "order_updated"], names
         placed, trade, updated = (m["args"][0] for m in received)
         assert placed == buy
-        assert trade["qty"] == 2 and trade["price"] == 100
+        assert trade["qty"] == "2" and trade["price"] == "100"
         assert (trade["buy_order_id"], trade["sell_order_id"]) == (buy["id"], sell["id"])
-        assert updated["id"] == sell["id"] and updated["qty"] == 3
+        assert updated["id"] == sell["id"] and updated["qty"] == "5"
+        assert (updated["filled_qty"], updated["open_qty"]) == ("2", "3")
         assert updated["status"] == "open"
 
 
@@ -207,14 +252,14 @@ def test_orders_that_do_not_cross_rest(trading: tuple[Flask, SocketIO]) -> None:
     client = socketio.test_client(app, namespace=NS)
     _place(client, "X", "sell", 1, 100.01)
     buy = _place(client, "X", "buy", 1, 100)
-    assert buy["status"] == "open" and buy["qty"] == 1
+    assert buy["status"] == "open" and buy["open_qty"] == "1"
     assert _trades(app) == []
     # a cancelled order is off the book
     sell = _place(client, "X", "sell", 1, 99)
     assert sell["status"] == "filled"
     again = _place(client, "X", "sell", 1, 99)
     assert again["status"] == "open"
-    assert client.emit("cancel_order", again["id"], namespace=NS, callback=True) == {"ok": True}
+    assert client.emit("cancel_order", again["id"], namespace=NS, callback=True)["ok"] is True
     late_buy = _place(client, "X", "buy", 1, 99.5)
     assert late_buy["status"] == "open"
     assert len(_trades(app)) == 1
@@ -354,7 +399,7 @@ BAD_ORDER_IDS: list[Any] = [
 
 
 def _statuses(app: Flask) -> dict[int, tuple[str, float]]:
-    return {i: (o.status, o.qty) for i, o in _orders(app).items()}
+    return {i: (o.status, o.open_qty) for i, o in _orders(app).items()}
 
 
 @pytest.mark.parametrize("order_id", BAD_ORDER_IDS)
@@ -382,29 +427,99 @@ def test_cancel_order_with_wrong_arity_is_rejected(
     order = _place(client, "X", "buy", 1, 100)
     ack = client.emit("cancel_order", *args, namespace=NS, callback=True)
     assert ack["error"] == "invalid_request"
-    assert _statuses(app) == {order["id"]: ("open", 1.0)}
+    assert _statuses(app) == {order["id"]: ("open", 1)}
     assert _checked_out(app) == 0
 
 
-def test_cancel_of_a_filled_or_cancelled_order_is_rejected(
+def test_cancel_of_an_order_no_longer_open_is_an_answer(
     trading: tuple[Flask, SocketIO],
 ) -> None:
+    """A known order that filled (or was cancelled) first: ``{"ok": false, "order"}``
+    with its final state, nothing changed and nothing broadcast; not an error."""
     app, socketio = trading
     a = socketio.test_client(app, namespace=NS)
     b = socketio.test_client(app, namespace=NS)
     sell = _place(a, "X", "sell", 1, 100)
     buy = _place(a, "X", "buy", 1, 100)
+    b.get_received(NS)
     for order_id in (sell["id"], buy["id"]):
         ack = a.emit("cancel_order", order_id, namespace=NS, callback=True)
-        assert ack["error"] == "invalid_request"
+        assert ack["ok"] is False and "error" not in ack
+        assert ack["order"]["id"] == order_id
+        assert (ack["order"]["status"], ack["order"]["filled_qty"]) == ("filled", "1")
+        assert ack["order"]["open_qty"] == "0"
+    assert b.get_received(NS) == []
     resting = _place(a, "X", "sell", 2, 105)
     b.get_received(NS)
-    assert a.emit("cancel_order", resting["id"], namespace=NS, callback=True) == {"ok": True}
-    assert _received(b, "order_updated") == [{**resting, "status": "cancelled"}]
+    cancelled = {**resting, "status": "cancelled", "open_qty": "0"}
     ack = a.emit("cancel_order", resting["id"], namespace=NS, callback=True)
-    assert ack["error"] == "invalid_request"
-    assert _statuses(app)[resting["id"]] == ("cancelled", 2.0)
+    assert ack == {"ok": True, "order": cancelled}
+    assert _received(b, "order_updated") == [cancelled]
+    ack = a.emit("cancel_order", resting["id"], namespace=NS, callback=True)
+    assert ack == {"ok": False, "order": cancelled}
+    assert _received(b, "order_updated") == []
+    assert _statuses(app)[resting["id"]] == ("cancelled", 0)
     assert _checked_out(app) == 0
+
+
+# -- exact money -----------------------------------------------------------------------
+
+
+def test_many_partial_fills_sum_exactly(trading: tuple[Flask, SocketIO]) -> None:
+    """A resting order filled by 120 random partial trades: every sum is exact."""
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    rng = random.Random(15)
+    pieces = [D(rng.randint(1, 5000)) * D("0.0001") for _ in range(120)]
+    total = sum(pieces, D(0))
+    resting = _place(client, "EX", "sell", str(total), "10.01")
+    for i, piece in enumerate(pieces):
+        # as a JSON number half the time: its shortest repr is the decimal written
+        qty: Any = str(piece) if i % 2 else float(piece)
+        taker = _place(client, "EX", "buy", qty, "10.01")
+        assert taker["status"] == "filled" and taker["filled_qty"] == str(piece.normalize())
+    orders = _orders(app)
+    final = orders[resting["id"]]
+    assert final.status == "filled"
+    assert (final.qty, final.filled_qty, final.open_qty) == (total, total, 0)
+    trades = _trades(app)
+    assert len(trades) == 120
+    assert [t.qty for t in trades] == pieces
+    assert sum((t.qty for t in trades), D(0)) == total
+    assert all(t.price == D("10.01") for t in trades)
+    assert _checked_out(app) == 0
+
+
+def test_javascript_sums_are_refused_and_decimals_fill_exactly(
+    trading: tuple[Flask, SocketIO],
+) -> None:
+    """``0.1 + 0.2`` as JavaScript sends it is off the tick and refused; 0.1 and 0.2
+    fill a 0.3 order to exactly 0.3, leaving exactly 0."""
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    bad = {"symbol": "EX", "side": "buy", "qty": 0.1 + 0.2, "price": 1}
+    ack = client.emit("place_order", bad, namespace=NS, callback=True)
+    assert ack["error"] == "invalid_request" and "0.0001" in ack["message"]
+    assert _stored(app) == 0
+    resting = _place(client, "EX", "buy", 0.3, 1)
+    assert resting["qty"] == "0.3"
+    first = _place(client, "EX", "sell", 0.1, 1)
+    second = _place(client, "EX", "sell", "0.2", "1.00")
+    assert first["status"] == second["status"] == "filled"
+    final = _orders(app)[resting["id"]]
+    assert (final.status, final.filled_qty, final.open_qty) == ("filled", D("0.3"), 0)
+    assert [t.qty for t in _trades(app)] == [D("0.1"), D("0.2")]
+
+
+def test_amounts_at_the_limits(trading: tuple[Flask, SocketIO]) -> None:
+    app, socketio = trading
+    client = socketio.test_client(app, namespace=NS)
+    smallest = _place(client, "EX", "buy", "0.0001", "0.01")
+    assert (smallest["qty"], smallest["price"]) == ("0.0001", "0.01")
+    largest = _place(client, "EX2", "sell", 1_000_000_000, "1000000000.00")
+    assert (largest["qty"], largest["price"]) == ("1000000000", "1000000000")
+    stored = _orders(app)
+    assert stored[largest["id"]].qty == D(10) ** 9 and stored[smallest["id"]].price == D("0.01")
 
 
 # -- monitor, metrics, page ------------------------------------------------------------
@@ -567,3 +682,58 @@ def test_default_database_is_sqlite_in_the_instance_folder(
     finally:
         with app.app_context():
             db.engine.dispose()
+
+
+def test_a_book_locked_too_long_answers_busy(
+    trading: tuple[Flask, SocketIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: another transaction holds the book's advisory lock past the lock
+    timeout: the order is acked ``busy`` with a retry hint, and nothing is stored."""
+    from sample_app import book
+
+    app, socketio = trading
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("the advisory lock is PostgreSQL's")
+        holder = db.engine.connect()
+    monkeypatch.setattr(book, "LOCK_TIMEOUT", 0.2)
+    client = socketio.test_client(app, namespace=NS)
+    try:
+        with holder.begin():
+            holder.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('LOCKED'))"))
+            ack = client.emit(
+                "place_order", {**GOOD, "symbol": "LOCKED"}, namespace=NS, callback=True
+            )
+    finally:
+        holder.close()
+    assert ack["error"] == "busy" and ack["retryable"] is True, ack
+    assert ack["retry_after_ms"] == 500
+    assert _stored(app) == 0
+    assert _place(client, "LOCKED", "buy", 1, 1)["status"] == "open"
+    assert _checked_out(app) == 0
+
+
+def test_a_repeated_client_order_id_is_placed_once(trading: tuple[Flask, SocketIO]) -> None:
+    """``place_order`` is ``@idempotency_key(client_order_id)``: the page resends an order
+    with its id after no answer, ``busy`` or ``outcome_unknown``; the repeat gets the first
+    ack, from any client, and nothing is stored twice."""
+    from socketio_dbctx import DBContext
+
+    if not hasattr(DBContext, "create_tables"):
+        pytest.skip("idempotency keys are not implemented by socketio_dbctx yet")
+    app, socketio = trading
+    a = socketio.test_client(app, namespace=NS)
+    b = socketio.test_client(app, namespace=NS)
+    order = {**GOOD, "client_order_id": "page-0123456789abcdef"}
+    first = a.emit("place_order", order, namespace=NS, callback=True)
+    assert first["ok"] is True
+    assert a.emit("place_order", order, namespace=NS, callback=True) == first
+    assert b.emit("place_order", order, namespace=NS, callback=True) == first
+    assert _stored(app) == 1
+    other = b.emit(
+        "place_order", {**order, "client_order_id": "page-fedcba9876543210"}, namespace=NS,
+        callback=True,
+    )  # fmt: skip
+    assert other["ok"] is True and other["order"]["id"] != first["order"]["id"]
+    assert _stored(app) == 2
+    assert _checked_out(app) == 0

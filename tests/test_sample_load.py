@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,10 @@ def test_orders_are_valid_and_some_cross() -> None:
     rng = random.Random(7)
     orders = [load.make_order(rng, "BTC.USD") for _ in range(2000)]
     for order in orders:
-        assert validation.order_request(order) == order
-    best_buy = max(o["price"] for o in orders if o["side"] == "buy")
-    best_sell = min(o["price"] for o in orders if o["side"] == "sell")
+        checked = validation.order_request(order)
+        assert checked == {**order, "qty": Decimal(order["qty"]), "price": Decimal(order["price"])}
+    best_buy = max(Decimal(o["price"]) for o in orders if o["side"] == "buy")
+    best_sell = min(Decimal(o["price"]) for o in orders if o["side"] == "sell")
     assert best_buy > best_sell  # the generated flow crosses
     for order in load.INVALID_ORDERS:
         with pytest.raises(validation.InvalidRequestError):
@@ -144,8 +146,9 @@ def _assert_consistent_book(database_url: str) -> None:
         with engine.connect() as conn:
             bad = conn.execute(
                 sa.text(
-                    "SELECT count(*) FROM orders WHERE qty < 0 "
-                    "OR (status = 'filled' AND qty <> 0) OR (status = 'open' AND qty <= 0)"
+                    "SELECT count(*) FROM orders WHERE qty <= 0 OR filled_qty < 0 "
+                    "OR filled_qty > qty OR (status = 'filled' AND filled_qty <> qty) "
+                    "OR (status = 'open' AND filled_qty >= qty)"
                 )
             ).scalar()
             assert bad == 0
@@ -182,8 +185,8 @@ def test_load_driver_trades_and_stops_by_itself(
     assert summary["connected"] == 4
     assert summary["events"] > 50
     assert summary["acks_ok"] > 0.8 * summary["events"]
-    # cancels of orders filled in the meantime are invalid_request; nothing else fails
-    assert set(summary["errors"]) <= {"invalid_request"}, summary["errors"]
+    # cancels of orders filled in the meantime are answers (late), not errors
+    assert summary["errors"] == {}, summary["errors"]
     assert summary["by_event"]["place_order"]["errors"] == {}
     assert summary["broadcasts_seen_by_client_0"].get("trade", 0) > 0
     assert summary["p50_ms"] is not None and summary["p99_ms"] is not None

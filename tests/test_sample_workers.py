@@ -138,6 +138,13 @@ def test_sample_app_workers_launcher_runs_a_fleet_and_forwards_ctrl_c(
         f"http://127.0.0.1:{base + 1}/",
     ]
     assert f"dashboard: http://127.0.0.1:{base}/?token={TOKEN}" in launched.output()
+    # each worker prints its own real URL, never a placeholder
+    for index in (0, 1):
+        assert (
+            f"[w{index}] dashboard: http://127.0.0.1:{base + index}/?token={TOKEN}"
+            in launched.output()
+        )
+    assert "<DBCTX_MONITOR_AUTH>" not in launched.output()
     ids = {f"{socket.gethostname()}:{pid}" for _, pid in workers.values()}
 
     monitor = MonitorClient("sample worker 1", launched.output)

@@ -22,6 +22,11 @@
     return Number(value).toLocaleString("en-US", { maximumFractionDigits: digits === undefined ? 4 : digits });
   }
 
+  // Amounts arrive as exact decimal strings ("1.5"): shown as they are, never via a float.
+  function amount(value) {
+    return value === null || value === undefined ? "–" : String(value);
+  }
+
   function fixed(value, digits) {
     return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
   }
@@ -102,8 +107,10 @@
       tr.appendChild(el("td", clock(o.created_at), "time"));
       tr.appendChild(el("td", o.symbol, "symbol"));
       tr.appendChild(el("td", o.side, "side " + o.side));
-      tr.appendChild(el("td", num(o.qty), "num qty"));
-      tr.appendChild(el("td", num(o.price), "num price"));
+      tr.appendChild(el("td", amount(o.qty), "num qty"));
+      tr.appendChild(el("td", amount(o.filled_qty), "num filled"));
+      tr.appendChild(el("td", amount(o.open_qty), "num open-qty"));
+      tr.appendChild(el("td", amount(o.price), "num price"));
       var status = el("td");
       status.appendChild(el("span", o.status, "pill status-" + o.status));
       tr.appendChild(status);
@@ -132,8 +139,8 @@
       tr.appendChild(el("td", t.id, "id"));
       tr.appendChild(el("td", clock(t.created_at), "time"));
       tr.appendChild(el("td", t.symbol, "symbol"));
-      tr.appendChild(el("td", num(t.qty), "num qty"));
-      tr.appendChild(el("td", num(t.price), "num price"));
+      tr.appendChild(el("td", amount(t.qty), "num qty"));
+      tr.appendChild(el("td", amount(t.price), "num price"));
       tr.appendChild(el("td", "#" + t.buy_order_id));
       tr.appendChild(el("td", "#" + t.sell_order_id));
       tr.appendChild(el("td", t.taker_side, "side " + t.taker_side));
@@ -147,7 +154,7 @@
   function showResult(text, ok) {
     var node = $("order-result");
     node.textContent = text;
-    node.dataset.ok = ok ? "true" : "false";
+    node.dataset.ok = typeof ok === "string" ? ok : ok ? "true" : "false";
   }
 
   function describeError(err, ack) {
@@ -155,30 +162,64 @@
     return (ack && ack.message ? ack.message : "Rejected") + (ack && ack.error ? " [" + ack.error + "]" : "");
   }
 
+  // A fresh client order id per order: resending it after a timeout, a busy answer or an
+  // unknown outcome can never place the order twice (the server answers a repeat with
+  // the first answer).
+  function clientOrderId() {
+    var bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    return Array.from(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
+  }
+
+  var RESENDS = 3; // after the first try
+  var RESEND_CODES = { busy: true, outcome_unknown: true, timeout: true };
+
+  function placeOrder(order, attempt, done) {
+    trading.timeout(ACK_TIMEOUT).emit("place_order", order, function (err, ack) {
+      var code = err ? "no_answer" : ack && ack.error;
+      if ((code === "no_answer" || RESEND_CODES[code]) && attempt < RESENDS) {
+        var wait = ack && ack.retry_after_ms ? ack.retry_after_ms : 500;
+        showResult("Order not confirmed yet (" + code + "); sending it again…", "pending");
+        window.setTimeout(function () { placeOrder(order, attempt + 1, done); }, wait);
+        return;
+      }
+      done(err, ack);
+    });
+  }
+
   $("order-form").addEventListener("submit", function (event) {
     event.preventDefault();
     var order = {
       symbol: $("order-symbol").value.trim().toUpperCase(),
       side: $("order-side").value,
-      qty: Number($("order-qty").value),
-      price: Number($("order-price").value),
+      qty: $("order-qty").value.trim(), // as typed: exact decimals, never floats
+      price: $("order-price").value.trim(),
+      client_order_id: clientOrderId(),
     };
     var button = $("order-submit");
     button.disabled = true;
-    trading.timeout(ACK_TIMEOUT).emit("place_order", order, function (err, ack) {
+    placeOrder(order, 0, function (err, ack) {
       button.disabled = false;
       if (err || !ack || !ack.ok) { showResult(describeError(err, ack), false); return; }
       var o = ack.order;
-      var rest = o.status === "open" && o.qty < order.qty ? " (" + num(order.qty - o.qty) + " filled, " + num(o.qty) + " resting)" : "";
-      showResult("Order #" + o.id + ": " + o.side + " " + num(order.qty) + " " + o.symbol + " @ " + num(o.price) + " is " + o.status + rest, true);
+      var rest = o.status === "open" && o.filled_qty !== "0" ? " (" + o.filled_qty + " filled, " + o.open_qty + " resting)" : "";
+      showResult("Order #" + o.id + ": " + o.side + " " + o.qty + " " + o.symbol + " @ " + o.price + " is " + o.status + rest, true);
       upsertOrder(o);
     });
   });
 
   function cancelOrder(id) {
     trading.timeout(ACK_TIMEOUT).emit("cancel_order", id, function (err, ack) {
-      if (err || !ack || !ack.ok) showResult(describeError(err, ack), false);
-      else showResult("Order #" + id + " cancelled", true);
+      if (!err && ack && ack.ok === false && ack.order) {
+        // it filled (or went) first: an answer, not an error
+        upsertOrder(ack.order);
+        showResult("Order #" + id + " was already " + ack.order.status + "; nothing to cancel", "late");
+      } else if (err || !ack || !ack.ok) {
+        showResult(describeError(err, ack), false);
+      } else {
+        upsertOrder(ack.order);
+        showResult("Order #" + id + " cancelled", true);
+      }
     });
   }
 
@@ -274,7 +315,8 @@
       t.leaks += (p.leaks || []).length;
       t.rate += entry.rate;
       t.events += totalCount(p);
-      if ((rank[p.status] || 0) > (rank[t.status] || 0)) t.status = p.status;
+      var r = p.status in rank ? rank[p.status] : 3; // a status this page does not know: notable
+      if (r > (rank[t.status] || 0)) t.status = p.status;
     });
     t.utilization = t.capacity ? (100 * t.checkedOut) / t.capacity : 0;
     return t;
@@ -298,20 +340,21 @@
   var renderMonitor = throttled(function () {
     var now = Date.now();
     var t = totals();
-    $("stat-checked-out").textContent = t.checkedOut + (t.capacity ? " / " + t.capacity : "");
-    $("stat-utilization").textContent = t.utilization.toFixed(1) + " %";
-    $("stat-rate").textContent = num(t.rate, 1);
-    $("stat-events").textContent = num(t.events, 0);
-    $("stat-waiting").textContent = t.waiting;
-    $("stat-leaks").textContent = t.leaks;
+    var dash = "–"; // no live worker (refused, not connected yet, all gone): no numbers
+    var any = t.live > 0;
+    $("stat-checked-out").textContent = any ? t.checkedOut + (t.capacity ? " / " + t.capacity : "") : dash;
+    $("stat-utilization").textContent = any ? t.utilization.toFixed(1) + " %" : dash;
+    $("stat-rate").textContent = any ? num(t.rate, 1) : dash;
+    $("stat-events").textContent = any ? num(t.events, 0) : dash;
+    $("stat-waiting").textContent = any ? t.waiting : dash;
+    $("stat-leaks").textContent = any ? t.leaks : dash;
     var pill = $("monitor-status");
-    pill.dataset.status = t.status;
-    pill.textContent = t.status;
+    pill.dataset.status = any ? t.status : "unknown";
+    pill.textContent = any ? t.status : "no data";
 
     var workerRows = [];
     var latencyRows = [];
     var leakItems = [];
-    var several = workers.size > 1;
     workers.forEach(function (entry, id) {
       if (now - entry.seen > 60000) workers.delete(id); // gone for a minute: forget it
     });
@@ -324,7 +367,10 @@
       tr.dataset.worker = id;
       tr.appendChild(el("td", id, "mono"));
       var status = el("td");
-      status.appendChild(el("span", stale ? "gone" : p.status, "pill status-" + (stale ? "gone" : p.status)));
+      var shown = stale ? "gone" : String(p.status);
+      var pillNode = el("span", shown, "pill status-" + shown.replace(/[^a-z_-]/gi, ""));
+      pillNode.dataset.status = shown;
+      status.appendChild(pillNode);
       tr.appendChild(status);
       tr.appendChild(el("td", pool ? pool.checked_out + " / " + (pool.capacity === null ? "∞" : pool.capacity) : "–", "num"));
       tr.appendChild(el("td", pool ? (100 * pool.utilization).toFixed(1) + " %" : "–", "num"));
@@ -339,12 +385,21 @@
         var row = el("tr");
         row.dataset.event = key;
         row.dataset.worker = id;
-        row.appendChild(el("td", key, "mono"));
-        row.appendChild(el("td", several ? id : id.split(":").pop(), "mono muted"));
+        var name = el("td", null, "mono event");
+        name.title = key;
+        key.split(":").forEach(function (part, i) { // may wrap after the namespace
+          if (i) { name.appendChild(document.createTextNode(":")); name.appendChild(el("wbr")); }
+          name.appendChild(document.createTextNode(part));
+        });
+        row.appendChild(name);
+        var who = el("td", id.split(":").pop(), "mono muted opt");
+        who.title = id;
+        row.appendChild(who);
         [["count", e.count, 0], ["errors", e.errors, 0], ["busy", e.busy, 0], ["in_flight", e.in_flight, 0],
           ["p50_ms", e.p50_ms, 2], ["p95_ms", e.p95_ms, 2], ["p99_ms", e.p99_ms, 2]].forEach(function (f) {
           var cell = el("td", f[2] ? fixed(f[1], f[2]) : num(f[1], 0), "num");
           cell.dataset.field = f[0];
+          if (f[0] === "busy" || f[0] === "in_flight" || f[0] === "p95_ms") cell.classList.add("opt");
           if (f[0] === "errors" && f[1] > 0) cell.classList.add("bad");
           row.appendChild(cell);
         });
