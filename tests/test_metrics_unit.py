@@ -170,6 +170,7 @@ SAMPLE_NAMES = {
     "socketio_dbctx_event_duration_seconds_sum",
     "socketio_dbctx_retries_total",
     "socketio_dbctx_leaks_total",
+    "socketio_dbctx_pool_status",
 }
 TYPES = {
     "db_client_connection_count": "gauge",
@@ -180,6 +181,7 @@ TYPES = {
     "socketio_dbctx_event_duration_seconds": "histogram",
     "socketio_dbctx_retries_total": "counter",
     "socketio_dbctx_leaks_total": "counter",
+    "socketio_dbctx_pool_status": "gauge",
 }
 LABELS = {
     "db_client_connection_count": {"pool_name", "state"},
@@ -192,6 +194,7 @@ LABELS = {
     "socketio_dbctx_event_duration_seconds_sum": {"namespace", "event"},
     "socketio_dbctx_retries_total": set(),
     "socketio_dbctx_leaks_total": set(),
+    "socketio_dbctx_pool_status": {"pool_name", "status"},
 }
 
 
