@@ -283,7 +283,9 @@ def _serve_gevent(app: Flask, host: str, port: int) -> None:
     from gevent import pywsgi
 
     server = pywsgi.WSGIServer((host, port), app, log=None, **server_options("gevent"))
-    gevent.signal_handler(signal.SIGINT, server.stop, 1.0)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        # only when nothing else owns Ctrl-C: drain_on_signals() does, and must keep it
+        gevent.signal_handler(signal.SIGINT, server.stop, 1.0)
     server.serve_forever()
 
 

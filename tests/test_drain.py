@@ -304,7 +304,10 @@ def test_sample_app_drains_on_ctrl_c_and_sigterm(
             wait_timeout=10,
         )
         proc.send_signal(signum)
-        assert proc.wait(15) == -signum, log_path.read_text()
+        code = proc.wait(15)
+        # Ctrl-C ends with SIGINT's status, or 0 where the sample turns SIGINT into a clean
+        # exit (gevent, to spare the KeyboardInterrupt traceback)
+        assert code == -signum or (signum == signal.SIGINT and code == 0), log_path.read_text()
         wait_for(lambda: not client.connected, 10, "the client to be disconnected")
         log = log_path.read_text()
         name = signal.Signals(signum).name

@@ -35,6 +35,9 @@ EXPECTED = [
     re.compile(r"allowed hosts: [\w.:, -]+"),
     re.compile(r"dashboard: http://127\.0\.0\.1:\d+/\?token=[\w-]+"),
     re.compile(r"eventlet is deprecated upstream; .*"),  # one line, only when asked for
+    # the drain on Ctrl-C / SIGTERM (issue 14): one line when it starts, one when it ends
+    re.compile(r"SIG(INT|TERM): draining, then closing every connection and exiting"),
+    re.compile(r"shutdown after [\d.]+s: drained, \d+ connection\(s\) closed; exiting"),
 ]
 
 
