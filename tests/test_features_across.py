@@ -753,6 +753,79 @@ def test_an_expired_key_runs_again_and_is_purged(
     assert "last" in [row[2] for row in stored_keys(url)]  # unexpired: kept
 
 
+# -- with retries and failures ---------------------------------------------------------
+
+
+def lost_connection() -> Exception:
+    """What SQLAlchemy raises when the connection broke under a statement."""
+    return sa.exc.OperationalError(
+        "SELECT 1", {}, Exception("connection lost"), connection_invalidated=True
+    )
+
+
+@pytest.mark.parametrize("database_url", ["postgres", "mariadb"], indirect=True)
+def test_a_retried_attempt_is_bounded_and_claims_the_key_afresh(
+    app, db, socketio, dbctx_factory, Item, url, keyed
+):
+    """A keyed, bounded handler whose first attempt loses its connection is retried:
+    the retry runs in a new transaction that carries the bound again, claims the key
+    again (the first attempt's claim was rolled back with it), and is stored once; the
+    repeat of the key is answered from the store."""
+    dbctx = dbctx_factory(statement_timeout=0.3)
+    create_tables(dbctx, app)
+    name = dialect(db, app)
+    limits: list[str] = []
+
+    @dbctx.on("flaky", namespace=NS)
+    @socketio_dbctx.idempotency_key(lambda data: data["id"])
+    def flaky(data: dict[str, Any]) -> dict[str, Any]:
+        limits.append(str(db.session.execute(sa.text(limit_sql(name))).scalar_one()))
+        db.session.add(Item(name=f"{data['id']}-{len(limits)}"))
+        db.session.flush()
+        if len(limits) == 1:
+            raise lost_connection()
+        return {"attempt": len(limits)}
+
+    client = client_of(socketio, app)
+    assert call(client, "flaky", {"id": "r"}) == {"attempt": 2}
+    assert call(client, "flaky", {"id": "r"}) == {"attempt": 2}
+    assert len(limits) == 2
+    if name == "postgresql":
+        assert limits == ["300ms", "300ms"]
+    else:
+        assert [float(limit) for limit in limits] == pytest.approx([0.3, 0.3])
+    assert stored_names(url) == ["r-2"]
+    assert stored_keys(url) == [(NS, "flaky", "r", {"attempt": 2})]
+    assert dbctx.metrics()[f"{NS}:flaky"]["retries"] == 1
+
+
+@ALL_DATABASES
+def test_a_keyed_ack_that_is_not_json_fails_the_event_and_stores_nothing(
+    app, db, socketio, dbctx_factory, Item, url, keyed
+):
+    """The ack of a keyed handler must be JSON-serialisable: one that is not (a set)
+    cannot be stored for the repeats, so the event fails (``internal_error``), its work
+    is rolled back with the key, and a later request with the key runs again."""
+    dbctx = dbctx_factory()
+    create_tables(dbctx, app)
+    runs: list[str] = []
+
+    @dbctx.on("odd", namespace=NS)
+    @socketio_dbctx.idempotency_key(lambda data: data["id"])
+    def odd(data: dict[str, Any]) -> Any:
+        runs.append(data["ack"])
+        db.session.add(Item(name=f"{data['id']}-{len(runs)}"))
+        return {1, 2} if data["ack"] == "set" else [1, 2]
+
+    client = client_of(socketio, app)
+    assert_error(call(client, "odd", {"id": "k", "ack": "set"}), "internal_error")
+    assert stored_names(url) == []
+    assert stored_keys(url) == []
+    assert call(client, "odd", {"id": "k", "ack": "list"}) == [1, 2]
+    assert runs == ["set", "list"]
+    assert stored_names(url) == ["k-2"]
+
+
 # -- the table -------------------------------------------------------------------------
 
 
