@@ -827,6 +827,120 @@ def test_a_keyed_ack_that_is_not_json_fails_the_event_and_stores_nothing(
     assert stored_names(url) == ["k-2"]
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_every_bind_of_the_event_is_bounded(database_url, mariadb_url, Item):
+    """An app with a second bind (``SQLALCHEMY_BINDS``, on MariaDB) next to its
+    PostgreSQL default: an event's statements are bounded on whichever engine they
+    run, and each engine's limit is gone once its connection is back in the pool."""
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SQLALCHEMY_BINDS={"other": mariadb_url},
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 2},
+        DBCTX_STATEMENT_TIMEOUT=0.3,
+    )
+    db = SQLAlchemy(app)
+    socketio = SocketIO(app, async_mode="threading")
+    dbctx = DBContext(app, socketio, db, retry_delay=0)
+
+    def on(bind: str | None, sql: str) -> Any:
+        with app.app_context():
+            engine = db.engines[bind]
+        return db.session.execute(sa.text(sql), bind_arguments={"bind": engine}).scalar_one()
+
+    @dbctx.on("slow_other", namespace=NS)
+    def slow_other() -> Any:
+        on(None, "SELECT 1")
+        return on("other", slow_sql("mariadb"))
+
+    @dbctx.on("slow_default", namespace=NS)
+    def slow_default() -> Any:
+        on("other", "SELECT 1")
+        return on(None, slow_sql("postgresql"))
+
+    client = client_of(socketio, app)
+    try:
+        for event in ("slow_other", "slow_default"):
+            started = time.monotonic()
+            assert_error(call(client, event), "timeout")
+            assert time.monotonic() - started < CUT_BOUND, event
+        with app.app_context():
+            assert all(engine.pool.checkedout() == 0 for engine in db.engines.values())
+            with db.engines["other"].connect() as conn:
+                limit = conn.execute(sa.text("SELECT @@max_statement_time")).scalar_one()
+                assert float(limit) == 0
+    finally:
+        with app.app_context():
+            for engine in db.engines.values():
+                engine.dispose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: with DBCTX_COMMIT_ON_SUCCESS=False the handler's own commit "
+    "commits the key's claim (ack NULL) and the ack is stored after it, never committed: "
+    "every repeat of the key is answered busy until the TTL",
+)
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_keyed_handler_that_commits_itself_answers_its_repeats(
+    app, db, socketio, dbctx_factory, Item, url, keyed
+):
+    """``DBCTX_COMMIT_ON_SUCCESS = False``: the handler commits its own work (the
+    documented way in that mode). A repeat of its key must get its ack, not ``busy``
+    (which invites the client to retry for as long as the key lives)."""
+    dbctx = dbctx_factory(commit_on_success=False)
+    create_tables(dbctx, app)
+    runs: list[str] = []
+
+    @dbctx.on("add", namespace=NS)
+    @socketio_dbctx.idempotency_key(lambda data: data["id"])
+    def add(data: dict[str, Any]) -> str:
+        runs.append(data["name"])
+        db.session.add(Item(name=data["name"]))
+        db.session.commit()
+        return data["name"]
+
+    client = client_of(socketio, app)
+    assert call(client, "add", {"id": "k", "name": "a"}) == "a"
+    assert call(client, "add", {"id": "k", "name": "b"}) == "a"
+    assert runs == ["a"]
+    assert stored_keys(url) == [(NS, "add", "k", "a")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: a keyed handler that commits itself and then raises leaves its "
+    "key claimed (ack NULL, committed by the handler's commit): the key is never released "
+    "and every later request with it is answered busy until the TTL",
+)
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_keyed_handler_that_commits_then_fails_releases_its_key(
+    app, db, socketio, dbctx_factory, Item, url, keyed
+):
+    """The contract: "a failed run (handler raises) releases the key". A handler may
+    commit part of its work itself (``db.session.commit()``); when it raises after that,
+    the client's retry with the same key must run the handler again, not get ``busy``."""
+    dbctx = dbctx_factory()
+    create_tables(dbctx, app)
+    runs: list[str] = []
+
+    @dbctx.on("add", namespace=NS)
+    @socketio_dbctx.idempotency_key(lambda data: data["id"])
+    def add(data: dict[str, Any]) -> str:
+        runs.append(data["name"])
+        db.session.add(Item(name=data["name"]))
+        db.session.commit()
+        if data.get("fail"):
+            raise RuntimeError("failed after its own commit")
+        return data["name"]
+
+    client = client_of(socketio, app)
+    assert_error(call(client, "add", {"id": "k", "name": "a", "fail": True}), "internal_error")
+    assert call(client, "add", {"id": "k", "name": "b"}) == "b"
+    assert runs == ["a", "b"]
+    assert stored_keys(url) == [(NS, "add", "k", "b")]
+
+
 # -- the table -------------------------------------------------------------------------
 
 
