@@ -23,7 +23,7 @@ from socketio_dbctx.retry import rerun_is_safe, should_retry
 from socketio_dbctx.timeouts import GRACE, Watch, cut
 from socketio_dbctx.transactions import _is_select_text
 
-# -- reading the key ------------------------------------------------------------------------
+# -- reading the key --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_a_payload_the_key_function_cannot_read_is_an_invalid_request() -> None:
         read_key(lambda data: data["request_id"], ("not a dict",))
 
 
-# -- when running again is safe ---------------------------------------------------------------
+# -- when running again is safe -----------------------------------------------------
 
 
 def _event(**options: Any) -> Any:
@@ -82,7 +82,7 @@ def test_a_text_select_is_not_a_write(sql: str, reads: bool) -> None:
     assert _is_select_text(sa.text(sql)) is reads
 
 
-# -- the watchdog ---------------------------------------------------------------------------
+# -- the watchdog -----------------------------------------------------------------
 
 
 def test_a_watch_is_overdue_only_while_waiting_past_its_limit() -> None:
@@ -122,7 +122,7 @@ def test_cutting_sqlite_interrupts_it() -> None:
     assert calls == ["interrupt"] and watch.cut
 
 
-# -- claiming and storing keys (SQLite) ----------------------------------------------------------
+# -- claiming and storing keys (SQLite) ------------------------------------------------
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_an_ack_that_is_not_json_is_refused(sqlite_engine: Any) -> None:
             store.store(session, "/ns", "ev", "k", object())
 
 
-# -- resolving a lost COMMIT (PostgreSQL) ----------------------------------------------------------
+# -- resolving a lost COMMIT (PostgreSQL) ------------------------------------------------
 
 
 @pytest.fixture
