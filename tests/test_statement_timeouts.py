@@ -44,6 +44,7 @@ from socketio_dbctx import ContextSetupError, DBContext
 
 NS = "/tmo"
 ATTR_NS = "/tmo_attr"
+FUNCTION_NS = "/tmo_fn"
 EXTRA = ["tests.servers.timeouts"]
 # Must match tests/servers/timeouts.py (not imported here: the server module may patch).
 ATTR_TIMEOUT = 3
@@ -226,13 +227,15 @@ def test_decorator_beats_attribute_beats_config_and_none_turns_it_off(
 ) -> None:
     """The timeout the database applies, read inside each handler: the decorator wins
     over the namespace attribute, which wins over ``DBCTX_STATEMENT_TIMEOUT``;
-    ``@statement_timeout(None)`` turns it off (a 1.3 s statement then runs to its end
+    ``@statement_timeout(None)`` turns it off, on namespace methods and ``@dbctx.on``
+    functions alike (a 1.3 s statement then runs to its end
     under a 1 s config). Outside events, on the same pooled connection (pool of one),
     the value is the server's default 0 again. Without the config only the attribute
     and the decorators bound anything."""
     server = start(server_factory, "threading", pool_size=1)
     plain = connect_client(server, NS)
     attr = connect_client(server, ATTR_NS)
+    function = connect_client(server, FUNCTION_NS)
     expected = [
         (plain, NS, "show", TIMEOUT),
         (plain, NS, "show_decorated", DECORATED_TIMEOUT),
@@ -241,6 +244,9 @@ def test_decorator_beats_attribute_beats_config_and_none_turns_it_off(
         (attr, ATTR_NS, "show_decorated", DECORATED_TIMEOUT),
         (attr, ATTR_NS, "show_in_body", BODY_TIMEOUT),
         (attr, ATTR_NS, "show_off", 0),
+        (function, FUNCTION_NS, "show", TIMEOUT),
+        (function, FUNCTION_NS, "show_decorated", DECORATED_TIMEOUT),
+        (function, FUNCTION_NS, "show_off", 0),
     ]
     seen = {
         (namespace, event): call(client, event, namespace=namespace)

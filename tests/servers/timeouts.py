@@ -1,6 +1,6 @@
 """Statement-timeout handlers for ``tests.servers.app`` (``--extra tests.servers.timeouts``).
 
-Two namespaces with the same handlers: ``/tmo`` takes ``DBCTX_STATEMENT_TIMEOUT`` from
+Two namespace classes with the same handlers: ``/tmo`` takes ``DBCTX_STATEMENT_TIMEOUT`` from
 the app, ``/tmo_attr`` sets the ``statement_timeout`` class attribute to
 :data:`ATTR_TIMEOUT`. Works on PostgreSQL, MariaDB/MySQL and SQLite (a file); every
 handler that takes a ``token`` counts its runs under ``"<event>:<token>"`` (retries
@@ -28,6 +28,8 @@ included), so a test can tell how often the pipeline ran it.
   ``show_off`` under ``@statement_timeout(None)``; ``/tmo_attr`` adds
   ``show_in_body``, decorated in the class body that sets the attribute
   (``@socketio_dbctx.statement_timeout(BODY_TIMEOUT)``).
+* ``/tmo_fn``: ``show``, ``show_decorated`` and ``show_off`` as ``@dbctx.on``
+  functions (the decorators stacked under ``@dbctx.on``).
 
 HTTP: ``GET /tmo/metrics`` -> ``{"events": dbctx.metrics(), "calls": {...}}``;
 ``GET /tmo/outside`` -> ``show()`` read over ``db.engine.connect()`` (a plain pooled
@@ -51,6 +53,7 @@ from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
 
 NAMESPACE = "/tmo"
 ATTR_NAMESPACE = "/tmo_attr"
+FUNCTION_NAMESPACE = "/tmo_fn"
 #: The ``statement_timeout`` class attribute of ``/tmo_attr``.
 ATTR_TIMEOUT = 3
 #: The decorator's value on ``show_decorated``.
@@ -119,7 +122,6 @@ def setup(
     with app.app_context():
         engine = db.engine
     dialect = engine.dialect.name
-    is_mariadb = bool(getattr(engine.dialect, "is_mariadb", False))
     rate = _sqlite_rows_per_second() if dialect == "sqlite" else 0.0
 
     def wait_at_gate(token: str) -> None:
@@ -178,7 +180,7 @@ def setup(
             backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
             return {"seconds": int(ms) / 1000, "raw": raw, "backend": int(backend)}
         if dialect in ("mysql", "mariadb"):
-            if is_mariadb:
+            if getattr(conn.dialect, "is_mariadb", False):  # known once connected
                 value = conn.exec_driver_sql("SELECT @@max_statement_time").scalar_one()
                 seconds = float(value)
             else:
@@ -249,6 +251,20 @@ def setup(
 
     socketio.on_namespace(Timeouts(NAMESPACE))
     socketio.on_namespace(AttrTimeouts(ATTR_NAMESPACE))
+
+    @dbctx.on("show", namespace=FUNCTION_NAMESPACE)
+    def show_function() -> dict[str, Any]:
+        return read_timeout(db.session.connection())
+
+    @dbctx.on("show_decorated", namespace=FUNCTION_NAMESPACE)
+    @socketio_dbctx.statement_timeout(DECORATED_TIMEOUT)
+    def show_function_decorated() -> dict[str, Any]:
+        return read_timeout(db.session.connection())
+
+    @dbctx.on("show_off", namespace=FUNCTION_NAMESPACE)
+    @socketio_dbctx.statement_timeout(None)
+    def show_function_off() -> dict[str, Any]:
+        return read_timeout(db.session.connection())
 
     @app.route("/tmo/metrics")
     def timeout_metrics() -> Any:
