@@ -55,6 +55,8 @@ BODY_TIMEOUT = 5
 TIMEOUT = 1
 #: The contract's bound on an ack once the database stops answering.
 HUNG_BOUND = TIMEOUT + 5.0
+#: No ack may take this long, whatever else is wrong (a hang fails the test).
+NEVER_HANG = 15.0
 #: Stands for "no ack came" in :func:`call_all` results.
 NO_ACK = "<no ack>"
 
@@ -364,8 +366,13 @@ def start_proxied(
     postgres_url: str,
     pg_schema: str,
     application_name: str,
+    connect_timeout: int | None = 2,
 ) -> ServerProcess:
-    """A server whose database connections all go through ``proxy`` (no TLS)."""
+    """A server whose database connections all go through ``proxy`` (no TLS);
+    ``connect_timeout`` bounds a connect to a proxy that accepts and never answers."""
+    connect_args: dict[str, Any] = {"application_name": application_name}
+    if connect_timeout is not None:
+        connect_args["connect_timeout"] = connect_timeout
     url = sa.engine.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
     url = url.update_query_dict({"sslmode": "disable"})
     return start(
@@ -376,8 +383,7 @@ def start_proxied(
             "pool_size": 5,
             "max_overflow": 0,
             "pool_timeout": 5.0,
-            # bounds a connect to a proxy that accepts and never answers
-            "connect_args": {"connect_timeout": 2, "application_name": application_name},
+            "connect_args": connect_args,
         },
     )
 
@@ -452,8 +458,30 @@ def test_hung_database_acks_every_event_in_bound(
     server.wait_checked_out(0)
 
 
+def commit_into_partition(
+    server: ServerProcess,
+    client: socketio.Client,
+    proxy: TcpProxy,
+    token: str,
+    wait: float = NEVER_HANG,
+) -> tuple[Any, float]:
+    """``write_hold_commit(token)``: partition the network while the event's COMMIT is
+    held, then let it go out. ``(ack, seconds from the COMMIT to the ack)``, with
+    :data:`NO_ACK` when none came within about ``wait`` seconds."""
+    pool, futures = call_all([(client, "write_hold_commit", (token,))], timeout=wait)
+    try:
+        wait_for(lambda: token in marks(server), 10, "the event's COMMIT to be held")
+        proxy.partition()
+        released = time.monotonic()
+        release(server, [token])
+        ack, at = futures[0].result(timeout=wait + 10)
+    finally:
+        pool.shutdown(wait=False)
+    return ack, at - released
+
+
 @pytest.mark.postgres
-def test_commit_without_an_answer_acks_outcome_unknown_in_bound(
+def test_commit_without_an_answer_acks_outcome_unknown(
     async_mode: str,
     server_factory: ServerFactory,
     connect_client: ClientFactory,
@@ -462,33 +490,29 @@ def test_commit_without_an_answer_acks_outcome_unknown_in_bound(
     pg_schema: str,
 ) -> None:
     """An event inserts a row; just before its COMMIT goes out (SQLAlchemy's engine
-    ``commit`` event) the network is partitioned, so the COMMIT never reaches
-    PostgreSQL and no answer ever comes. The library cannot learn the outcome (the
-    database is unreachable): acked ``outcome_unknown`` within
-    ``statement_timeout + 5 s``, never a hang, the handler ran once. Back on the
-    network, the row is not there and the next event succeeds on its first attempt."""
+    ``commit`` event, after the library asked for the transaction id) the network is
+    partitioned, so the COMMIT never reaches PostgreSQL and no answer ever comes. The
+    library cannot learn the outcome (the database is unreachable): acked
+    ``outcome_unknown``, never a hang, the handler ran once, no connection kept.
+    Back on the network, the row is not there and the next event succeeds on its
+    first attempt. (The contract's tighter bound: the strict xfail below.)"""
     server = start_proxied(
         server_factory, async_mode, proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
     )
     client = connect_client(server)
     assert isinstance(call(client, "write", new_token()), dict)  # pool warm
     token = new_token()
-    pool, futures = call_all([(client, "write_hold_commit", (token,))], timeout=HUNG_BOUND + 10)
-    try:
-        wait_for(lambda: token in marks(server), 10, "the event's COMMIT to be held")
 
-        proxy.partition()
-        released = time.monotonic()
-        release(server, [token])
-        ack, at = futures[0].result(timeout=HUNG_BOUND + 15)
-    finally:
-        pool.shutdown(wait=False)
+    ack, seconds = commit_into_partition(server, client, proxy, token)
 
-    assert at - released <= HUNG_BOUND, f"acked {at - released:.2f}s after COMMIT: {ack}"
+    assert ack != NO_ACK, f"no ack {NEVER_HANG}s after the COMMIT went out"
     assert_error_ack(ack, "outcome_unknown", retryable=False)
+    assert seconds >= TIMEOUT + 1.4, f"acked {seconds:.2f}s after COMMIT, before any cut"
     assert runs(server, "write_hold_commit", token) == 1
     assert retry_lines(server, "write_hold_commit") == []
-    server.wait_checked_out(0)
+    stats = event_stats(server, "write_hold_commit")
+    assert stats["errors"] == 1 and stats["retries"] == 0, stats
+    server.wait_checked_out(0)  # still partitioned: the cut connection was let go
 
     proxy.restore()
     assert stored(server, [token]) == []  # the COMMIT never reached the database
@@ -498,6 +522,44 @@ def test_commit_without_an_answer_acks_outcome_unknown_in_bound(
     assert retry_lines(server, "write") == []
     assert stored(server, [after]) == [after]
     server.wait_checked_out(0)
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: outcomes.resolve() does not bound the connect of its fresh "
+    "connection by its 2.5 s budget (engine.raw_connection() before the Watch starts): "
+    "each attempt waits for the driver's own connect_timeout (2 s here: two attempts, "
+    "acked ~6.7 s after the COMMIT) or, with none in the URL, for ever",
+)
+@pytest.mark.parametrize("connect_timeout", [2, None], ids=["connect_timeout=2", "no-timeout"])
+def test_commit_without_an_answer_is_acked_within_timeout_plus_5s(
+    server_factory: ServerFactory,
+    connect_client: ClientFactory,
+    proxy: TcpProxy,
+    postgres_url: str,
+    pg_schema: str,
+    connect_timeout: int | None,
+) -> None:
+    """The contract's bound on the same unanswered COMMIT: acked within
+    ``statement_timeout + 5 s`` of the COMMIT, whatever the driver's connect timeout
+    (the resolution's fresh connection meets the same partition)."""
+    server = start_proxied(
+        server_factory,
+        "threading",
+        proxy,
+        postgres_url,
+        pg_schema,
+        f"tmo-{new_token()}",
+        connect_timeout=connect_timeout,
+    )
+    client = connect_client(server)
+    assert isinstance(call(client, "write", new_token()), dict)  # pool warm
+
+    ack, seconds = commit_into_partition(server, client, proxy, new_token(), HUNG_BOUND + 1)
+
+    assert seconds <= HUNG_BOUND, f"acked {seconds:.2f}s after the COMMIT went out: {ack}"
+    assert_error_ack(ack, "outcome_unknown", retryable=False)
 
 
 # -- 7. bad values fail at set-up --------------------------------------------------------
