@@ -6,12 +6,13 @@ it with real python-socketio clients over WebSocket:
 
 * PostgreSQL, each async mode: a statement longer than ``DBCTX_STATEMENT_TIMEOUT`` is
   cut by the database (ack ``timeout``, ``retryable: false``, one run, nothing
-  stored, nothing checked out); a shorter one succeeds.
+  stored, nothing checked out); a shorter one succeeds; time spent between
+  statements is not bounded.
 * Precedence read back from the database inside the handler (PostgreSQL
   ``SHOW statement_timeout``, MariaDB ``@@max_statement_time``): decorator >
   namespace attribute > app config, ``@statement_timeout(None)`` turns it off, and a
   plain pooled connection outside any event is back to the default.
-* MariaDB ``SLEEP(5)`` and a slow SQLite query under a 1 s timeout.
+* MariaDB ``SLEEP(5)`` and a slow SQLite query under a 1 s timeout, each async mode.
 * A hung database (PostgreSQL behind ``tests/tcp_proxy.py``, each async mode): events
   whose statement or COMMIT goes into a network partition are acked within
   ``statement_timeout + 5 s``, the cut connections are discarded, and once the network
@@ -216,6 +217,26 @@ def test_postgres_cuts_a_statement_longer_than_the_timeout(
     server.wait_checked_out(0)
 
 
+@pytest.mark.postgres
+def test_time_between_statements_is_not_bounded(
+    async_mode: str, server_factory: ServerFactory, connect_client: ClientFactory
+) -> None:
+    """The bound is on each statement, not on the event: a handler that inserts,
+    spends 2.7 s in Python (past the timeout and the watchdog's 1.5 s grace) with its
+    transaction open, then inserts again, succeeds and stores both rows."""
+    server = start(server_factory, async_mode)
+    client = connect_client(server)
+    token = new_token()
+
+    ack, seconds = timed_call(client, "write_pause_write", token, TIMEOUT + 1.7)
+
+    assert isinstance(ack, dict) and "id" in ack, ack
+    assert seconds >= TIMEOUT + 1.7
+    assert runs(server, "write_pause_write", token) == 1
+    assert stored(server, [token, token + "-2"]) == sorted([token, token + "-2"])
+    server.wait_checked_out(0)
+
+
 # -- 2. which timeout applies ----------------------------------------------------------
 
 
@@ -289,13 +310,13 @@ def test_decorator_beats_attribute_beats_config_and_none_turns_it_off(
 
 @ON_MARIADB
 def test_mariadb_cuts_sleep_and_reuses_the_connection(
-    server_factory: ServerFactory, connect_client: ClientFactory
+    async_mode: str, server_factory: ServerFactory, connect_client: ClientFactory
 ) -> None:
     """``SLEEP(5)`` after an insert, under a 1 s timeout: acked ``timeout`` well within
     2.5 s, one run, the insert rolled back. The connection (a pool of one) is not
     thrown away for it: the next event runs on it with the timeout set again, and
     outside events ``@@max_statement_time`` on it is 0."""
-    server = start(server_factory, "threading", pool_size=1)
+    server = start(server_factory, async_mode, pool_size=1)
     client = connect_client(server)
     before = call(client, "show")
     assert seconds_of(before) == TIMEOUT
@@ -326,11 +347,11 @@ def test_mariadb_cuts_sleep_and_reuses_the_connection(
 
 @ON_SQLITE
 def test_sqlite_slow_query_is_interrupted(
-    server_factory: ServerFactory, connect_client: ClientFactory
+    async_mode: str, server_factory: ServerFactory, connect_client: ClientFactory
 ) -> None:
     """A query sized to take ~10 s, after an insert, under a 1 s timeout: the
     watchdog's ``interrupt()`` cuts it: acked ``timeout``, one run, nothing stored."""
-    server = start(server_factory, "threading")
+    server = start(server_factory, async_mode)
     client = connect_client(server)
     assert call(client, "slow", 0.1, new_token()) is True
 

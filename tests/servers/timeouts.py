@@ -12,6 +12,8 @@ included), so a test can tell how often the pipeline ran it.
   ``@statement_timeout(None)``.
 * ``write(token)``: inserts a ``tmo_rows`` row keyed ``token``, then commits; acks
   ``{"id"}``. ``write_then_slow(token, seconds)``: the insert, then ``slow``.
+* ``write_pause_write(token, seconds)``: inserts ``token``, sleeps ``seconds`` in
+  Python with the transaction open, then inserts ``token + "-2"``.
 * ``write_gate_slow(token, seconds)``: the insert; then the handler waits at a gate
   (listed by ``GET /tmo/marks``) until ``GET /tmo/release?token=...`` (or
   :data:`HOLD_LIMIT` seconds), then runs ``slow``. A test partitions the network
@@ -213,6 +215,13 @@ def setup(
             row_id = add_row(token)
             run_slow(_seconds(seconds))
             return {"id": row_id}
+
+        def on_write_pause_write(self, token: str, seconds: float) -> dict[str, int]:
+            _count("write_pause_write", _text(token, "token"))
+            seconds = _seconds(seconds)
+            add_row(token)
+            socketio.sleep(seconds)  # the transaction is open, no statement waits
+            return {"id": add_row(token + "-2")}
 
         def on_write_gate_slow(self, token: str, seconds: float) -> dict[str, int]:
             _count("write_gate_slow", _text(token, "token"))
