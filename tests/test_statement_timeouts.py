@@ -16,8 +16,8 @@ it with real python-socketio clients over WebSocket:
 * A hung database (PostgreSQL behind ``tests/tcp_proxy.py``, each async mode): events
   whose statement or COMMIT goes into a network partition are acked within
   ``statement_timeout + 5 s``, the cut connections are discarded, and once the network
-  is back the next events succeed on their first attempt. The contract's bound on an
-  unanswered COMMIT is a strict xfail: the commit resolution's connect is unbounded.
+  is back the next events succeed on their first attempt; an unanswered COMMIT too is
+  acked within that bound (its resolution's connect attempts fit the budget).
 * Bad ``DBCTX_STATEMENT_TIMEOUT`` and decorator values fail at set-up.
 """
 
@@ -543,13 +543,6 @@ def test_commit_without_an_answer_acks_outcome_unknown(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: outcomes.resolve() does not bound the connect of its fresh "
-    "connection by its 2.5 s budget (engine.raw_connection() runs before its Watch "
-    "starts): with the documented connect_timeout=2 each attempt waits 2 s, two "
-    "attempts, and the ack comes ~6.7 s after the COMMIT instead of within 6 s",
-)
 def test_commit_without_an_answer_is_acked_within_timeout_plus_5s(
     server_factory: ServerFactory,
     connect_client: ClientFactory,
