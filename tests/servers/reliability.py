@@ -29,7 +29,7 @@ Namespace ``/r`` (a ``DBContextNamespace``):
   data.get("key"))``, the same body.
 
 Namespace ``/rk``: the class attribute ``idempotency_key`` (a function of the
-payload, ``data.get("key")``) keys its ``keyed_write``.
+payload, ``data.get("key")``) keys its ``keyed_write`` and ``write``.
 
 HTTP: ``GET /r/metrics`` -> ``{"events": dbctx.metrics(), "calls": {...}, "entered":
 [...]}``; ``GET /r/gate/<name>`` opens a gate. At setup the module calls
@@ -178,6 +178,9 @@ def setup(
 
         def on_keyed_write(self, data: Any) -> dict[str, Any]:
             return work(KEYED_NAMESPACE, "keyed_write", data)
+
+        def on_write(self, data: Any) -> dict[str, Any]:  # keyed too: runs when no key
+            return work(KEYED_NAMESPACE, "write", data)
 
     socketio.on_namespace(Reliability(NAMESPACE))
     socketio.on_namespace(KeyedByClass(KEYED_NAMESPACE))
