@@ -172,7 +172,15 @@ def test_concurrent_runs_of_one_key_apply_once(
     uncommitted) while a second run of the key, from another client, is sent. The
     second waits for the first; once the test lets the first finish, both get the
     first run's ack and the handler ran once."""
-    server = start(server_factory, async_mode)
+    app_name = f"keys-{new_token()}"
+    config: dict[str, Any] = {}
+    if server_database == "postgres":  # to tell the server's backends from any others
+        config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+            "pool_size": 5,
+            "max_overflow": 0,
+            "connect_args": {"application_name": app_name},
+        }
+    server = start(server_factory, async_mode, **config)
     first, second = connect_client(server), connect_client(server)
     key, gate = new_token(), new_token()
     tokens = [new_token(), new_token()]
@@ -185,7 +193,7 @@ def test_concurrent_runs_of_one_key_apply_once(
         waiting: Future[Any] = pool.submit(
             call, second, "keyed_write", {"token": tokens[1], "key": key}
         )
-        wait_for(lambda: second_waits(server, server_database), 10, "the second run to wait")
+        wait_for(lambda: second_waits(server, app_name), 10, "the second run to wait")
         assert not held.done() and not waiting.done()
         server.get(f"/r/gate/{gate}")
         acks = [held.result(timeout=30), waiting.result(timeout=30)]
@@ -197,22 +205,26 @@ def test_concurrent_runs_of_one_key_apply_once(
     server.wait_checked_out(0)
 
 
-def second_waits(server: ServerProcess, database: str) -> bool:
-    """True while a transaction of the server waits for a lock (the first run's claim)."""
+def second_waits(server: ServerProcess, app_name: str) -> bool:
+    """True while a transaction of the server waits for a row lock (the first run's
+    uncommitted claim): on PostgreSQL a backend named ``app_name`` waiting for a
+    ``Lock``; on MariaDB an InnoDB transaction in ``LOCK WAIT`` on the server's
+    database."""
     engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
-            if database == "postgres":
-                query = (
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database() AND pid <> pg_backend_pid()"
-                )
+            if conn.dialect.name == "postgresql":
+                query = sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND application_name = :name"
+                ).bindparams(name=app_name)
             else:
-                query = (
-                    "SELECT count(*) FROM information_schema.INNODB_TRX "
-                    "WHERE trx_state = 'LOCK WAIT'"
+                query = sa.text(
+                    "SELECT count(*) FROM information_schema.INNODB_TRX t "
+                    "JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id "
+                    "WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()"
                 )
-            return bool(conn.exec_driver_sql(query).scalar_one())
+            return bool(conn.execute(query).scalar_one())
     finally:
         engine.dispose()
 

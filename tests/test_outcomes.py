@@ -21,6 +21,7 @@ The helpers here are shared with ``tests/test_idempotency.py``.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -101,6 +102,51 @@ def stored(server: ServerProcess, token: str) -> int:
             )
     finally:
         engine.dispose()
+
+
+def lost_commit_outcomes(server: ServerProcess, event: str, namespace: str = NS) -> list[str]:
+    """The outcome of every lost COMMIT of ``event`` the server logged (WARNING
+    ``... the connection was lost during COMMIT; outcome: committed|aborted|unknown``)."""
+    pattern = re.compile(
+        rf"{re.escape(namespace)}:{event} for sid \S+: the connection was lost during "
+        r"COMMIT; outcome: (\w+)"
+    )
+    return pattern.findall(server.log())
+
+
+def purge_expired_key_now(server: ServerProcess, client: socketio.Client, event: str) -> None:
+    """Plant an expired key, send a keyed ``event`` (it starts the background purge,
+    which then waits ``min(ttl, 60)`` s before the next), and wait until the purge has
+    deleted (committed) the planted row: no purge COMMIT comes later."""
+    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
+    planted = new_token()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {IDEMPOTENCY_TABLE} (namespace, event, {quoted_key(conn)}, "
+                    "ack, expires_at) VALUES ('/planted', 'planted', :key, NULL, 0)"
+                ),
+                {"key": planted},
+            )
+        call(client, event, {"token": new_token(), "key": new_token()})
+
+        def gone() -> bool:
+            with engine.connect() as conn:
+                return not conn.execute(
+                    sa.text(
+                        f"SELECT count(*) FROM {IDEMPOTENCY_TABLE} WHERE namespace = '/planted'"
+                    )
+                ).scalar_one()
+
+        wait_for(gone, 10, "the purge to delete the planted expired key")
+    finally:
+        engine.dispose()
+
+
+def quoted_key(conn: sa.Connection) -> str:
+    """The column name ``key``, quoted for ``conn``'s database (a MySQL keyword)."""
+    return str(conn.dialect.identifier_preparer.quote_identifier("key"))
 
 
 class Listener:
@@ -226,6 +272,7 @@ def test_lost_commit_reply_resolved_committed(
 
     assert pg_proxy.commits_cut == 1
     assert ack == written_ack(token), ack
+    assert lost_commit_outcomes(server, "write") == ["committed"]
     assert runs(server, "write", token) == 1
     stats = event_stats(server, "write")
     assert stats["retries"] == 0 and stats["errors"] == 0, stats
@@ -249,6 +296,7 @@ def test_commit_of_a_killed_backend_resolved_aborted_and_retried(
     ack = call(client, "write", {"token": token, "kill_commit": True})
 
     assert ack == written_ack(token, run=2), ack
+    assert lost_commit_outcomes(server, "write") == ["aborted"]
     assert runs(server, "write", token) == 2
     assert event_stats(server, "write")["retries"] == 1
     listener.settle(client)
@@ -280,6 +328,7 @@ def test_lost_commit_reply_with_the_database_gone_is_outcome_unknown(
 
     assert pg_proxy.commits_cut == 1 and pg_proxy.state == "refusing"
     assert_error_ack(ack, "outcome_unknown", retryable=False)
+    assert lost_commit_outcomes(server, "write") == ["unknown"]
     assert runs(server, "write", token) == 1
     assert event_stats(server, "write")["retries"] == 0
     server.wait_checked_out(0)
@@ -314,8 +363,8 @@ def test_lost_commit_reply_on_mariadb(
     once, its broadcast heard once), and a repeat of the key gets that ack too."""
     server = start_proxied(server_factory, async_mode, mysql_proxy, mariadb_url)
     client, listener = connect_client(server), Listener(connect_client(server))
-    if event == "keyed_write":  # the first keyed event may start the key purge: not now
-        call(client, event, {"token": new_token(), "key": new_token()})
+    if event == "keyed_write":  # the purge's own COMMIT must not be the one cut
+        purge_expired_key_now(server, client, event)
     token = new_token()
     data = {"token": token, "key": f"k-{token}"} if event == "keyed_write" else {"token": token}
 
@@ -323,6 +372,7 @@ def test_lost_commit_reply_on_mariadb(
     ack = call(client, event, data)
 
     assert mysql_proxy.commits_cut == 1
+    assert lost_commit_outcomes(server, event) == ["unknown"]
     stats = event_stats(server, event)
     if event == "write":
         assert_error_ack(ack, "outcome_unknown", retryable=False)

@@ -97,7 +97,10 @@ def setup(
     with app.app_context():
         engine = db.engine
         # a second way in, outside the pool, for the kill_commit listener
-        killer = sa.create_engine(engine.url, poolclass=sa.pool.NullPool)
+        # (autocommit: pg_stat_activity is a snapshot that lasts a transaction)
+        killer = sa.create_engine(
+            engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+        )
 
     def before_commit(conn: sa.Connection) -> None:
         dbapi = conn.connection.dbapi_connection
