@@ -15,6 +15,7 @@ removes expired rows. The Flask-SocketIO test client checks the key validation
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -36,6 +37,7 @@ from test_outcomes import (
     Listener,
     call,
     new_token,
+    purge_expired_key_now,
     runs,
     servers_stop_first,
     start,
@@ -283,6 +285,50 @@ def test_expired_keys_run_again_and_are_purged(
         return key_rows(server, purged_key) == 0
 
     wait_for(purged, 15, "the expired key's row to be purged", interval=0.5)
+    server.wait_checked_out(0)
+
+
+def plant_key(server: ServerProcess, key: str, ack: Any, expires_at: float) -> None:
+    """Write a key's row straight into the table: ``/r`` ``keyed_write``."""
+    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            table = sa.Table(IDEMPOTENCY_TABLE, sa.MetaData(), autoload_with=conn)
+            conn.execute(
+                table.insert().values(
+                    namespace=NS,
+                    event="keyed_write",
+                    key=key,
+                    ack=json.dumps(ack),
+                    expires_at=expires_at,
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_the_stored_row_answers_until_it_expires_purge_or_not(
+    server_factory: ServerFactory, connect_client: ClientFactory
+) -> None:
+    """With no purge due (``DBCTX_IDEMPOTENCY_TTL=30``: one purge per 30 s, and it has
+    just run), a key whose row is in the table answers with the row's ack while it
+    lives, and runs the handler again once ``expires_at`` has passed; the new run's
+    ack replaces the old one."""
+    server = start(server_factory, "threading", DBCTX_IDEMPOTENCY_TTL=30)
+    client = connect_client(server)
+    purge_expired_key_now(server, client, "keyed_write")
+    live, expired = new_token(), new_token()
+    plant_key(server, live, {"planted": "live"}, time.time() + 3600)
+    plant_key(server, expired, {"planted": "expired"}, 1.0)
+    tokens = [new_token() for _ in range(3)]
+
+    assert call(client, "keyed_write", {"token": tokens[0], "key": live}) == {"planted": "live"}
+    ack = call(client, "keyed_write", {"token": tokens[1], "key": expired})
+    again = call(client, "keyed_write", {"token": tokens[2], "key": expired})
+
+    assert ack == again == written_ack(tokens[1], "keyed_write")
+    assert [runs(server, "keyed_write", token) for token in tokens] == [0, 1, 0]
+    assert key_rows(server, expired) == 1
     server.wait_checked_out(0)
 
 
