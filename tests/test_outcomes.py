@@ -339,6 +339,43 @@ def test_lost_commit_reply_with_the_database_gone_is_outcome_unknown(
     server.wait_checked_out(0)
 
 
+def test_lost_commit_reply_unresolved_keyed_then_the_client_retries(
+    server_factory: ServerFactory,
+    connect_client: ClientFactory,
+    pg_proxy: TcpProxy,
+    postgres_url: str,
+    pg_schema: str,
+) -> None:
+    """A keyed handler's COMMIT is applied, its answer lost, and the database is gone
+    right after: the event may run again (it has a key), but its re-runs cannot reach
+    the database, so it is acked ``db_unavailable`` with ``retryable: true``. Once the
+    database is back, the client's retry with the same key gets the first run's ack
+    from the store: the handler ran once, the row is stored once."""
+    server = start_proxied(
+        server_factory, "threading", pg_proxy, schema_url(postgres_url, pg_schema)
+    )
+    client, listener = connect_client(server), Listener(connect_client(server))
+    purge_expired_key_now(server, client, "keyed_write")
+    token, key = new_token(), new_token()
+
+    pg_proxy.cut_next_commit(after="refuse")
+    ack = call(client, "keyed_write", {"token": token, "key": key})
+
+    assert pg_proxy.commits_cut == 1
+    assert_error_ack(ack, "db_unavailable", retryable=True)
+    assert lost_commit_outcomes(server, "keyed_write") == ["unknown"]
+    assert runs(server, "keyed_write", token) == 1
+    server.wait_checked_out(0)
+    pg_proxy.restore()
+    retry = call(client, "keyed_write", {"token": new_token(), "key": key})
+    assert retry == written_ack(token, "keyed_write")
+    assert runs(server, "keyed_write", token) == 1
+    listener.settle(client)
+    assert listener.count(token) == 0  # a repeat answered from the store sends nothing
+    assert stored(server, token) == 1
+    server.wait_checked_out(0)
+
+
 # -- MariaDB: no transaction status to ask ---------------------------------------------
 
 
