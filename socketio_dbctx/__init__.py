@@ -15,9 +15,9 @@ Usage::
 The modules form layers; each imports only from its own layer or those below it
 (``tests/test_architecture.py`` keeps this drawing true)::
 
-    facade      extension  helper  prometheus  shutdown
+    facade      extension  helper  prometheus  shutdown  aio
                     |         (the Flask extension, the asyncio helper, metrics export,
-                    |          drain on signals)
+                    |          drain on signals; the asyncio stack, a package)
     dispatch    namespace  monitor  hooks  dispatch  packets
                     |         (namespaces, function handlers; runtimes and the event run;
                     |          malformed packets)

@@ -44,6 +44,7 @@ __all__ = [
     "admission",
     "errors",
     "failed_attempt",
+    "failure_outcome",
     "idempotency",
     "metrics",
     "resolved",
@@ -158,15 +159,22 @@ def metrics(rest: Step) -> Step:
             outcome = "ok"
             return result
         except Exception as exc:
-            if error_code(exc) == "busy":
-                outcome = "busy"
-                if isinstance(exc, sa_exc.TimeoutError):
-                    stats.pool_timeout()
+            outcome = failure_outcome(event, exc)
             raise
         finally:
             stats.finished(key, time.perf_counter() - start, outcome)
 
     return step
+
+
+def failure_outcome(event: Event, exc: Exception) -> str:
+    """The metrics outcome of a failed event: ``busy`` (a pool checkout timeout also
+    counted as one), else ``error``."""
+    if error_code(exc) != "busy":
+        return "error"
+    if isinstance(exc, sa_exc.TimeoutError):
+        event.state.metrics.pool_timeout()
+    return "busy"
 
 
 def retry(rest: Step) -> Step:

@@ -37,7 +37,7 @@ from .timeouts import reset_on_checkin
 if TYPE_CHECKING:
     from flask_socketio import SocketIO
 
-__all__ = ["AppState", "app_state", "register", "worker_id"]
+__all__ = ["AppState", "app_state", "describe_checkout", "register", "worker_id"]
 
 
 def worker_id() -> str:
@@ -45,7 +45,9 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _describe_checkout() -> tuple[str | None, str | None, Stack | None]:
+def describe_checkout() -> tuple[str | None, str | None, Stack | None]:
+    """Who takes a connection now, for leak reports: the current scope's label, sid
+    and handler."""
     scope = context.current_scope()
     if scope is None:
         return None, None, None
@@ -75,7 +77,7 @@ class AppState:
         self.metrics = EventMetrics()
         #: which failed events are logged in full (``socketio_dbctx.acks.log_failure``)
         self.log_throttle = LogThrottle()
-        self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
+        self.tracker = PoolTracker(describe_checkout, settings.leak_threshold)
         #: the app's idempotency keys
         self.keys = KeyStore(settings.idempotency_ttl, lambda target: spawn(socketio, target))
         #: the cluster view (several workers on a Redis message queue), when enabled

@@ -138,7 +138,13 @@ class Watch:
 
 
 def _fileno(dbapi_connection: Any) -> int | None:
-    # psycopg2, psycopg and mysqlclient have fileno(); PyMySQL keeps its socket
+    # psycopg2, psycopg and mysqlclient have fileno(); PyMySQL keeps its socket;
+    # SQLAlchemy's asyncio adapters hold the driver's connection (asyncpg: a transport)
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    transport = getattr(driver, "_transport", None)
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        return sock.fileno() if sock is not None else None
     fileno = getattr(dbapi_connection, "fileno", None)
     if callable(fileno):
         try:

@@ -31,8 +31,15 @@ def drawn_layers() -> list[tuple[str, list[str]]]:
 
 def runtime_imports(module: str) -> set[str]:
     """The package modules ``module`` imports when it runs (relative imports outside
-    ``if TYPE_CHECKING:``)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    ``if TYPE_CHECKING:``). For a subpackage (``aio``): what its modules import from
+    the package (``from ..x import``)."""
+    if (PACKAGE / module).is_dir():
+        return set().union(*(_imports(path, level=2) for path in (PACKAGE / module).glob("*.py")))
+    return _imports(PACKAGE / f"{module}.py", level=1)
+
+
+def _imports(path: Path, level: int) -> set[str]:
+    tree = ast.parse(path.read_text())
     found: set[str] = set()
 
     def visit(nodes: list[ast.stmt]) -> None:
@@ -41,7 +48,7 @@ def runtime_imports(module: str) -> set[str]:
                 visit(node.orelse)
                 continue
             for child in ast.walk(node):
-                if isinstance(child, ast.ImportFrom) and child.level == 1:
+                if isinstance(child, ast.ImportFrom) and child.level == level:
                     if child.module:
                         found.add(child.module.split(".")[0])
                     else:
@@ -52,7 +59,8 @@ def runtime_imports(module: str) -> set[str]:
 
 
 def modules() -> set[str]:
-    return {path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    files = {path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    return files | {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
 
 
 def test_every_module_is_drawn_once() -> None:

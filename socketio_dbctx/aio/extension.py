@@ -1,0 +1,370 @@
+"""``AsyncDBContext``: the extension for python-socketio's ``AsyncServer`` and
+SQLAlchemy's asyncio sessions, and what it keeps (:class:`AsyncState`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
+
+from ..admission import Admission, ProcessLimit
+from ..config import Settings, load_settings
+from ..decorators import KeyFunc
+from ..emits import install as install_emits
+from ..errors import ContextSetupError
+from ..idempotency import KeyStore, idempotency_table
+from ..leaks import PoolTracker
+from ..metrics import EventMetrics
+from ..pipeline import Event, HandlerSpec, Middleware, build_chain
+from ..pool import pool_capacity, pool_status, worst_status
+from ..shapes import EventSummary, HealthResult, PoolStatus
+from ..state import describe_checkout
+from ..throttle import LogThrottle
+from ..timeouts import reset_on_checkin
+from ..transactions import follow_commits
+from . import steps
+from .scope import AsyncScope, commit, release
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+__all__ = ["AsyncDBContext", "AsyncRuntime", "AsyncState", "dbctx_of"]
+
+logger = logging.getLogger(__name__)
+
+#: Events that skip admission: a full pool must not stop clients connecting or leaving.
+LIFECYCLE = frozenset({"connect", "disconnect"})
+
+_CONTEXTS: weakref.WeakKeyDictionary[Any, AsyncDBContext] = weakref.WeakKeyDictionary()
+
+
+def dbctx_of(server: Any) -> AsyncDBContext:
+    """The :class:`AsyncDBContext` of a python-socketio ``AsyncServer``.
+
+    :raises ContextSetupError: when there is none.
+    """
+    dbctx = _CONTEXTS.get(server) if server is not None else None
+    if dbctx is None:
+        raise ContextSetupError(
+            "no AsyncDBContext for this server: create AsyncDBContext(sio, "
+            "async_sessionmaker(engine)) before its first event"
+        )
+    return dbctx
+
+
+class AsyncState:
+    """What the extension keeps: the settings, the session maker (sessions of a
+    ``Session`` subclass of our own, so our listeners follow only them), metrics,
+    the checkout tracker, keys and the process's admission limit.
+
+    :param settings: validated settings.
+    :param maker: the user's ``async_sessionmaker``.
+    """
+
+    async_mode = "asyncio"
+
+    def __init__(self, settings: Settings, maker: async_sessionmaker[Any]) -> None:
+        self.settings = settings
+        base = maker.kw.get("sync_session_class") or Session
+        followed = type(f"DBContext{base.__name__}", (base,), {})
+        follow_commits(followed)
+        self.maker = type(maker)(**{**maker.kw, "sync_session_class": followed})
+        self.metrics = EventMetrics()
+        self.log_throttle = LogThrottle()
+        self.tracker = PoolTracker(describe_checkout, settings.leak_threshold)
+        self.keys = KeyStore(settings.idempotency_ttl, self._spawn_purge)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        engine = self.engines().get("default")
+        limit = settings.max_concurrent_events
+        if limit is None and engine is not None:
+            limit = pool_capacity(engine)
+        self.process = ProcessLimit("asyncio", limit)
+        for each in self.engines().values():
+            self.tracker.attach(each)
+            self.tracker.watch_waits(each)
+            reset_on_checkin(each)
+
+    def engines(self) -> dict[str, Engine]:
+        """The sync faces of the maker's engines (pools, events), ``"default"`` first."""
+        bind: AsyncEngine | None = self.maker.kw.get("bind")
+        return {"default": bind.sync_engine} if bind is not None else {}
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of the running loop, kept until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_purge(self, target: Callable[[], Any]) -> None:
+        # the key store's purge is sync SQLAlchemy code: run it in a greenlet
+        self.spawn(greenlet_spawn(target))
+
+
+class AsyncRuntime:
+    """One namespace's settings, admission and chains."""
+
+    def __init__(
+        self,
+        state: AsyncState,
+        overrides: dict[str, Any],
+        extra: Sequence[Middleware] = (),
+        key: KeyFunc | None = None,
+    ) -> None:
+        self.state = state
+        self.settings = state.settings.override(overrides)
+        self.admission = Admission(
+            state.process, self.settings.max_in_flight_per_client, self.settings.queue_timeout
+        )
+        inner = (steps.metrics, steps.retry, steps.transaction)
+        user = tuple(_adapt(mw) for mw in extra)
+        self.chain = build_chain(
+            (steps.errors, steps.admission(self.admission), *inner, steps.idempotency(key), *user),
+            steps.call_handler,
+        )
+        self.lifecycle_chain = build_chain(
+            (steps.errors, *inner, *user),
+            steps.call_handler,
+        )
+        self._specs: dict[Any, HandlerSpec] = {}
+
+    async def run(
+        self,
+        namespace: str,
+        name: str,
+        sid: str,
+        handler: Callable[..., Any],
+        payload: tuple[Any, ...],
+    ) -> Any:
+        """Run one event through the chain; return the ack."""
+        key = getattr(handler, "__func__", handler)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = HandlerSpec(handler)
+        if name in LIFECYCLE:
+            # connect gets (environ, auth), disconnect (reason): pass what is accepted
+            while payload and not spec.accepts(len(payload) + 1):
+                payload = payload[:-1]
+        event = Event(
+            None,  # type: ignore[arg-type]
+            self.state,  # type: ignore[arg-type]
+            self.settings,
+            namespace,
+            name,
+            sid,
+            payload,
+            handler,
+            spec,
+            time.sleep,
+        )
+        chain = self.lifecycle_chain if name in LIFECYCLE else self.chain
+        return await chain(event)
+
+
+def _adapt(middleware: Middleware) -> steps.AsyncWrap:
+    def wrap(rest: steps.AsyncStep) -> steps.AsyncStep:
+        async def step(event: Event) -> Any:
+            result = middleware(event, lambda: rest(event))
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                result = await result
+            return result
+
+        return step
+
+    return wrap
+
+
+class AsyncDBContext:
+    """socketio_dbctx for python-socketio's ``AsyncServer`` (ASGI) and SQLAlchemy's
+    asyncio extension: every event of an :class:`AsyncDBContextNamespace
+    <socketio_dbctx.aio.AsyncDBContextNamespace>` (or of a function registered with
+    :meth:`on`) runs with its own ``AsyncSession``, committed before the ack.
+
+    :param sio: the ``socketio.AsyncServer``.
+    :param maker: an ``async_sessionmaker`` bound to an ``AsyncEngine``.
+    :param options: the ``DBCTX_`` settings as lower-case keywords.
+    :raises ContextSetupError: for a bad option or a maker without an engine.
+    """
+
+    def __init__(self, sio: Any, maker: async_sessionmaker[Any], **options: Any) -> None:
+        if maker is None or not callable(maker) or getattr(maker, "kw", {}).get("bind") is None:
+            raise ContextSetupError(
+                "AsyncDBContext needs an async_sessionmaker bound to an AsyncEngine: "
+                "AsyncDBContext(sio, async_sessionmaker(create_async_engine(url)))"
+            )
+        self.sio = sio
+        self.state = AsyncState(load_settings({}, options), maker)
+        self._runtimes: dict[tuple[str, int], AsyncRuntime] = {}
+        self._lock = threading.Lock()
+        install_emits(sio)
+        _CONTEXTS[sio] = self
+
+    @property
+    def settings(self) -> Settings:
+        """The validated settings."""
+        return self.state.settings
+
+    def runtime(
+        self,
+        owner: Any,
+        namespace: str,
+        overrides: dict[str, Any] | None = None,
+        extra: Sequence[Middleware] = (),
+        key: KeyFunc | None = None,
+    ) -> AsyncRuntime:
+        """The runtime of ``owner`` (a namespace object, or the function handlers of
+        ``namespace``), built on first use."""
+        ident = (namespace, id(owner))
+        runtime = self._runtimes.get(ident)
+        if runtime is None:
+            with self._lock:
+                runtime = self._runtimes.get(ident)
+                if runtime is None:
+                    runtime = self._runtimes[ident] = AsyncRuntime(
+                        self.state, overrides or {}, extra, key
+                    )
+        return runtime
+
+    def on(self, event: str, namespace: str | None = None) -> Callable[[Any], Any]:
+        """Register an async (or plain) function ``handler(sid, *payload)`` for
+        ``event`` through the pipeline, like ``sio.on``."""
+        namespace = namespace or "/"
+
+        def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+            runtime = self.runtime(self, namespace)
+
+            async def piped(sid: str, *payload: Any) -> Any:
+                return await runtime.run(namespace, event, sid, handler, payload)
+
+            self.sio.on(event, namespace=namespace, handler=piped)
+            return handler
+
+        return decorate
+
+    # -- scopes and tasks -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def session_scope(self) -> AsyncIterator[AsyncSession]:
+        """A fresh ``AsyncSession``: committed on success, rolled back on error, always
+        closed; emits inside are held until the commit."""
+        settings = self.settings
+        async with AsyncScope(
+            self.state.maker,
+            label="scope",
+            defer=settings.defer_emits,
+            timeout=settings.statement_timeout,
+        ) as scope:
+            yield scope.session
+            if settings.commit_on_success:
+                await commit(scope)
+            held = scope.take_held()
+        await release(held, self.state.metrics.after_commit_failed)
+
+    def start_background_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``await func(*args, **kwargs)`` as a task, inside its own
+        :meth:`session_scope`; an exception is logged with its traceback."""
+
+        async def run() -> None:
+            try:
+                async with self.session_scope():
+                    result = func(*args, **kwargs)
+                    if asyncio.iscoroutine(result):
+                        await result
+            except Exception:
+                logger.exception("background task %s failed", getattr(func, "__name__", func))
+
+        return self.state.spawn(run())
+
+    # -- operations -------------------------------------------------------------------
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop admitting events (``busy``), wait up to ``timeout`` seconds (default
+        ``DBCTX_DRAIN_TIMEOUT``) for the ones in flight; True when none is left."""
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        idle = self.state.process.begin_drain()
+        if idle is not None:
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(idle.wait(), timeout)
+        return self.state.process.idle()
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called."""
+        return self.state.process.draining
+
+    async def create_tables(self) -> None:
+        """Create the idempotency keys' table on the default engine when missing."""
+        bind: AsyncEngine = self.state.maker.kw["bind"]
+        table = idempotency_table(sa.MetaData())
+        async with bind.begin() as connection:
+            await connection.run_sync(lambda sync: table.create(sync, checkfirst=True))
+
+    def metrics(self) -> dict[str, EventSummary]:
+        """Per-event counters and latency percentiles, keyed ``"namespace:event"``."""
+        return self.state.metrics.snapshot()
+
+    def pool_status(self) -> PoolStatus:
+        """The default engine's pool dict (the same shape as the Flask version's)."""
+        return self.pool_status_all()["default"]
+
+    def pool_status_all(self) -> dict[str, PoolStatus]:
+        """``{bind_name: pool dict}``."""
+        s = self.settings
+        return {
+            name: pool_status(
+                engine,
+                name,
+                checkouts=self.state.tracker.checkouts(engine),
+                warn_utilization=s.warn_utilization,
+                leak_threshold=s.leak_threshold,
+                waiting=self.state.process.waiting + self.state.tracker.checkout_waiting,
+                draining=self.draining,
+            )
+            for name, engine in self.state.engines().items()
+        }
+
+    def status(self) -> str:
+        """The worst status of all pools."""
+        return worst_status([p["status"] for p in self.pool_status_all().values()])
+
+    async def health_check(self, timeout: float = 2.0) -> HealthResult:
+        """``SELECT 1`` on the default engine within ``timeout`` seconds; never raises."""
+        if self.draining:
+            return {"healthy": False, "latency_ms": 0.0, "error": "draining"}
+        bind: AsyncEngine = self.state.maker.kw["bind"]
+        start = time.perf_counter()
+        error: str | None
+        try:
+
+            async def probe() -> None:
+                async with bind.connect() as connection:
+                    await connection.exec_driver_sql("SELECT 1")
+
+            await asyncio.wait_for(probe(), timeout)
+        except asyncio.TimeoutError:
+            error = f"timed out after {timeout}s"
+        except Exception as exc:  # the type only: a driver's text may hold the URL
+            error = type(exc).__name__
+        else:
+            error = None
+        if error is not None:
+            return {
+                "healthy": False,
+                "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                "error": error,
+            }
+        return {
+            "healthy": True,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+            "error": None,
+        }

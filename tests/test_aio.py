@@ -1,0 +1,438 @@
+"""``socketio_dbctx.aio`` on real servers: python-socketio's ``AsyncServer`` under
+uvicorn (``tests/servers/aio_app.py``), PostgreSQL through asyncpg, real python-socketio
+clients over WebSocket.
+
+Each test gets its own schema and server. Covered: commit before the ack, rollback and
+dropped emits on error, safe error acks, the argument check, refused connects, function
+handlers, retries of a killed backend, 200 concurrent events never sharing a session,
+admission on a pool smaller than the load (no pool timeout), the statement timeout,
+idempotency keys, ``session_scope`` in a background task, drain, and the pool dict,
+metrics and health in the Flask version's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import socketio
+import sqlalchemy as sa
+from conftest import free_port
+from server_launch import HTTP
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "/a"
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class AioServer:
+    """A uvicorn process serving ``tests.servers.aio_app``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log
+
+    def state(self) -> dict[str, Any]:
+        with HTTP.open(self.url + "/state", timeout=10) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
+    def drain(self) -> bool:
+        with HTTP.open(self.url + "/drain", timeout=20) as response:
+            return bool(json.loads(response.read())["drained"])
+
+    def runs(self, event: str, token: str) -> int:
+        return int(self.state()["runs"].get(f"{event}:{token}", 0))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_checked_out(self, expected: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            pool = self.state()["pool"]
+            if pool["checked_out"] == expected:
+                return
+            assert time.monotonic() < deadline, f"checked_out stays {pool['checked_out']}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+AioFactory = Callable[..., AioServer]
+
+
+def asyncpg_url(postgres_url: str) -> str:
+    url = sa.engine.make_url(postgres_url).set(drivername="postgresql+asyncpg")
+    return url.set(query={}).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def db_check(postgres_url: str, pg_schema: str) -> Iterator[sa.Engine]:
+    """A psycopg2 engine on the test's schema, which holds ``aio_rows`` and the keys."""
+    engine = sa.create_engine(
+        postgres_url,
+        connect_args={"options": f"-csearch_path={pg_schema}"},
+        poolclass=sa.pool.NullPool,
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE aio_rows (id serial PRIMARY KEY, token text NOT NULL)")
+    from socketio_dbctx import idempotency_table
+
+    idempotency_table(sa.MetaData()).create(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def aio_server(
+    postgres_url: str, pg_schema: str, db_check: sa.Engine, tmp_path: Path
+) -> Iterator[AioFactory]:
+    pytest.importorskip("asyncpg", reason="the test extra installs asyncpg")
+    started: list[AioServer] = []
+
+    def start(pool: str = "5,0,30", database_url: str | None = None, **options: Any) -> AioServer:
+        port = free_port()
+        log = tmp_path / f"aio-{port}.log"
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "AIO_DATABASE_URL": database_url or asyncpg_url(postgres_url),
+            "AIO_SCHEMA": pg_schema,
+            "AIO_POOL": pool,
+            "AIO_OPTIONS": json.dumps(options),
+        }
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "tests.servers.aio_app:app",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        server = AioServer(proc, port, log)
+        started.append(server)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                server.state()
+                return server
+            except OSError:
+                assert proc.poll() is None, f"the server exited: {server.log()}"
+                assert time.monotonic() < deadline, f"no answer in 20 s: {server.log()}"
+                time.sleep(0.1)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def client_factory() -> Iterator[Callable[..., socketio.Client]]:
+    clients: list[socketio.Client] = []
+
+    def connect(
+        server: AioServer, auth: Any = None, listen: list[Any] | None = None
+    ) -> socketio.Client:
+        client = socketio.Client(reconnection=False)
+        if listen is not None:
+            client.on("written", listen.append, namespace=NS)
+        client.connect(
+            server.url, namespaces=[NS], transports=["websocket"], auth=auth, wait_timeout=10
+        )
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.disconnect()
+
+
+def stored(engine: sa.Engine, token: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM aio_rows WHERE token = :t"), {"t": token}
+            ).scalar()
+        )
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def assert_error(ack: Any, code: str, retryable: bool = False) -> None:
+    assert isinstance(ack, dict) and ack.get("error") == code, ack
+    assert ack["retryable"] is retryable, ack
+    assert "secret" not in json.dumps(ack) and "SELECT" not in json.dumps(ack), ack
+
+
+# -- semantics ---------------------------------------------------------------------
+
+
+def test_commit_before_the_ack_and_the_emit_after_it(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server()
+    heard: list[Any] = []
+    client = client_factory(server, listen=heard)
+    token = new_token()
+    seen_at_ack: list[int] = []
+
+    ack = client.call("write", token, namespace=NS, timeout=10)
+    seen_at_ack.append(stored(db_check, token))
+
+    assert ack["token"] == token and seen_at_ack == [1]
+    wait_for(lambda: heard == [token], "the held emit")
+    assert server.runs("write", token) == 1
+    server.wait_checked_out(0)
+
+
+def test_a_failing_handler_rolls_back_drops_its_emits_and_acks_safely(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server()
+    heard: list[Any] = []
+    client = client_factory(server, listen=heard)
+    token, marker = new_token(), new_token()
+
+    assert_error(client.call("fail", token, namespace=NS, timeout=10), "internal_error")
+    assert_error(client.call("invalid", namespace=NS, timeout=10), "invalid_request")
+    arity = client.call("write", namespace=NS, timeout=10)
+    assert_error(arity, "invalid_request")
+    client.call("write", marker, namespace=NS, timeout=10)  # a later emit proves absence
+
+    wait_for(lambda: marker in heard, "the marker emit")
+    assert heard == [marker]
+    assert stored(db_check, token) == 0
+    assert server.runs("fail", token) == 1
+    metrics = server.state()["metrics"]
+    assert metrics["/a:fail"]["errors"] == 1 and metrics["/a:write"]["count"] == 2
+    server.wait_checked_out(0)
+
+
+def test_refused_connect_and_function_handlers(
+    aio_server: AioFactory, client_factory: Any
+) -> None:
+    server = aio_server()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client_factory(server, auth={"refuse": True})
+    client = client_factory(server)
+    assert client.call("double", 21, namespace=NS, timeout=10) == 42
+    server.wait_checked_out(0)
+
+
+# -- faults and concurrency ----------------------------------------------------------------
+
+
+def test_a_killed_backend_is_retried_and_stored_once(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server(retry_delay=0)
+    client = client_factory(server)
+    token = new_token()
+
+    assert client.call("kill_self", (token, 1), namespace=NS, timeout=15) == token
+
+    assert server.runs("kill_self", token) == 2
+    assert stored(db_check, token) == 1
+    assert server.state()["metrics"]["/a:kill_self"]["retries"] == 1
+    server.wait_checked_out(0)
+
+
+def test_two_hundred_concurrent_events_never_share_a_session(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server(pool="10,0,30", max_in_flight_per_client=0)
+    clients = [client_factory(server) for _ in range(4)]
+    tokens = [new_token() for _ in range(200)]
+    acks: dict[str, Any] = {}
+    done = threading.Event()
+
+    def answered(token: str) -> Callable[[Any], None]:
+        def record(alone: Any) -> None:
+            acks[token] = alone
+            if len(acks) == len(tokens):
+                done.set()
+
+        return record
+
+    for index, token in enumerate(tokens):  # all sent before any answer is awaited
+        clients[index % 4].emit("overlap", token, namespace=NS, callback=answered(token))
+    assert done.wait(60), f"{len(tokens) - len(acks)} events without an ack"
+
+    assert set(acks.values()) == {True}, "a session was used by two events at once"
+    with db_check.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(DISTINCT token) FROM aio_rows")).scalar() == 200
+    assert "QueuePool limit" not in server.log() and "TimeoutError" not in server.log()
+    server.wait_checked_out(0)
+
+
+def test_admission_on_a_pool_smaller_than_the_load(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    """Pool 2 + 0 with a 1 s pool timeout, 12 events each holding a connection 0.3 s:
+    the extension admits 2 at a time, so no checkout ever waits for the pool."""
+    server = aio_server(pool="2,0,1", queue_timeout=30)
+    clients = [client_factory(server) for _ in range(6)]
+    tokens = [new_token() for _ in range(12)]
+    acks: dict[str, Any] = {}
+    done = threading.Event()
+
+    def answered(token: str) -> Callable[[Any], None]:
+        def record(ack: Any) -> None:
+            acks[token] = ack
+            if len(acks) == len(tokens):
+                done.set()
+
+        return record
+
+    for index, token in enumerate(tokens):
+        clients[index % 6].emit("hold", (token, 0.3), namespace=NS, callback=answered(token))
+    assert done.wait(60)
+
+    assert acks == {token: token for token in tokens}
+    assert server.state()["metrics"]["/a:hold"]["errors"] == 0
+    assert "TimeoutError" not in server.log()
+    server.wait_checked_out(0)
+
+
+# -- timeouts, keys, scopes, drain -------------------------------------------------------------
+
+
+def test_the_statement_timeout_cuts_a_slow_statement(
+    aio_server: AioFactory, client_factory: Any
+) -> None:
+    server = aio_server(statement_timeout=0.5)
+    client = client_factory(server)
+    start = time.monotonic()
+    ack = client.call("slow", 3, namespace=NS, timeout=15)
+    assert_error(ack, "timeout")
+    assert time.monotonic() - start < 2.5
+    assert client.call("slow", 0.05, namespace=NS, timeout=10) == "slept"
+    server.wait_checked_out(0)
+
+
+def test_an_idempotency_key_answers_a_repeat_with_the_stored_ack(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server()
+    heard: list[Any] = []
+    first, second = client_factory(server, listen=heard), client_factory(server)
+    key, token, marker = new_token(), new_token(), new_token()
+
+    one = first.call("keyed", {"key": key, "token": token}, namespace=NS, timeout=10)
+    two = second.call("keyed", {"key": key, "token": "other"}, namespace=NS, timeout=10)
+    first.call("write", marker, namespace=NS, timeout=10)
+
+    assert one == two == {"token": token}
+    wait_for(lambda: marker in heard, "the marker emit")
+    assert heard == [token, marker]  # the repeat emitted nothing
+    assert server.runs("keyed", token) == 1 and server.runs("keyed", "other") == 0
+    assert stored(db_check, token) == 1 and stored(db_check, "other") == 0
+    assert_error(
+        first.call("keyed", {"key": 1.5, "token": "x"}, namespace=NS, timeout=10),
+        "invalid_request",
+    )
+    server.wait_checked_out(0)
+
+
+def test_a_background_task_runs_in_its_own_scope(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server()
+    client = client_factory(server)
+    token = new_token()
+    assert client.call("background", token, namespace=NS, timeout=10) == "started"
+    wait_for(lambda: stored(db_check, token) == 1, "the task's commit")
+    server.wait_checked_out(0)
+
+
+def test_drain_refuses_new_events_and_reports_it(
+    aio_server: AioFactory, client_factory: Any
+) -> None:
+    server = aio_server()
+    client = client_factory(server)
+    before = server.state()
+    assert before["health"]["healthy"] is True and before["status"] == "healthy"
+    assert set(before["pool"]) >= {"bind", "size", "checked_out", "capacity", "status"}
+
+    assert server.drain() is True
+
+    ack = client.call("write", new_token(), namespace=NS, timeout=10)
+    assert_error(ack, "busy", retryable=True)
+    assert ack["retry_after_ms"] > 0
+    after = server.state()
+    assert after["health"] == {"healthy": False, "latency_ms": 0.0, "error": "draining"}
+    assert after["status"] == "draining"
+
+
+def test_a_database_that_stops_answering_is_cut_by_the_watchdog(
+    aio_server: AioFactory, client_factory: Any, postgres_url: str, db_check: sa.Engine
+) -> None:
+    """Through a TCP proxy that partitions the network: a statement gets no answer, the
+    watchdog shuts its socket 1.5 s past the 1 s statement timeout, and the event is
+    acked ``timeout`` within timeout + 5 s; once the network is back the next event
+    succeeds on its first attempt (the cut connection was discarded)."""
+    from tcp_proxy import TcpProxy
+
+    url = sa.engine.make_url(postgres_url)
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        proxied = sa.engine.make_url(asyncpg_url(postgres_url)).set(
+            host="127.0.0.1", port=proxy.port, query={"ssl": "disable"}
+        )
+        server = aio_server(
+            database_url=proxied.render_as_string(hide_password=False),
+            statement_timeout=1,
+            retry_delay=0,
+        )
+        client = client_factory(server)
+        assert client.call("write", new_token(), namespace=NS, timeout=10)["token"]  # pool warm
+        token = new_token()
+
+        proxy.partition()
+        start = time.monotonic()
+        ack = client.call("write", token, namespace=NS, timeout=15)
+        took = time.monotonic() - start
+        proxy.restore()
+
+        assert_error(ack, "timeout")
+        assert took <= 1 + 5, took
+        assert server.runs("write", token) == 1
+        after = new_token()
+        assert client.call("write", after, namespace=NS, timeout=10)["token"] == after
+        assert server.state()["metrics"]["/a:write"]["retries"] == 0
+        assert stored(db_check, token) == 0 and stored(db_check, after) == 1
+        server.wait_checked_out(0)
