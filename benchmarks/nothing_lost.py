@@ -230,7 +230,7 @@ def check(
             out.final_errors[kind] += 1
             if rows:
                 out.violations += 1
-                out.problems.append(f"{cid}: answered {final!r} but stored (ids {rows})")
+                out.problems.append(f"{cid}: answered {kind} but stored (ids {rows})")
             else:
                 out.failed_not_stored += 1
     strays = [order_id for qty, ids in by_qty.items() if qty not in known for order_id in ids]
