@@ -178,11 +178,8 @@ def create_app(
         if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             event.listen(engine, "connect", _sqlite_wal)
         db.create_all()
-        # the table of stored idempotent acks (client_order_id); until the library has it,
-        # @idempotency_key is a marker only
-        create_tables = getattr(dbctx, "create_tables", None)
-        if create_tables is not None:
-            create_tables()
+        # the table of the stored acks of client order ids (@idempotency_key)
+        dbctx.create_tables()
     return app, socketio
 
 

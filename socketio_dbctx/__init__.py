@@ -25,9 +25,11 @@ The modules form layers; each imports only from its own layer or those below it
                     |         (the Event, the chain built once, the built-in steps)
     state       state
                     |         (one app's settings, source, metrics, tracker; the registry)
-    scopes      context  sessions  emits
-                    |         (a fresh app context and session per scope; held emits)
-    mechanisms  acks  admission  cluster  drivers  health  leaks  metrics  pool  retry  tasks
+    scopes      context  sessions  emits  transactions
+                    |         (a fresh app context and session per scope; held emits;
+                    |          following its transactions: writes, COMMIT, timeouts)
+    mechanisms  acks  admission  cluster  drivers  health  idempotency  leaks  metrics
+                outcomes  pool  retry  tasks  timeouts
                     |         (one concern each, no Flask-SocketIO dispatch knowledge)
     base        config  decorators  errors  shapes  throttle  transient
                               (settings, exceptions, public shapes, pure classification)
@@ -56,6 +58,7 @@ from .errors import (
 )
 from .extension import DBContext
 from .helper import WebSocketContextHelper
+from .idempotency import idempotency_table
 from .monitor import MonitorNamespace
 from .namespace import DBContextNamespace
 from .pipeline import Event
@@ -100,6 +103,7 @@ __all__ = [
     "WebSocketContextHelper",
     "__version__",
     "idempotency_key",
+    "idempotency_table",
     "idempotent",
     "immediate_emits",
     "is_transient",

@@ -14,13 +14,16 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable
 
 from flask import Flask
-from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from .errors import ContextSetupError
+from .timeouts import WATCHDOG, Watch, current_watch
 
 if TYPE_CHECKING:
+    from contextvars import Token
     from types import TracebackType
+
+    from sqlalchemy.engine import Connection, Engine
 
     from .pipeline import Event
     from .sessions import SessionSource
@@ -31,7 +34,6 @@ __all__ = [
     "async_scope",
     "commit",
     "current_scope",
-    "follow_commits",
     "open_scope",
     "release",
     "session_scope",
@@ -59,14 +61,20 @@ class Scope:
     __slots__ = (
         "_ctx",
         "_var_token",
+        "_watch_token",
+        "connections",
         "defer",
         "event",
         "held",
         "label",
         "source",
+        "timeout",
         "token",
+        "txids",
         "unsaved",
         "used",
+        "watch",
+        "wrote",
     )
 
     def __init__(
@@ -78,6 +86,7 @@ class Scope:
         label: str | None = None,
         fresh_context: bool = False,
         defer: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self._ctx = None if fresh_context else app.app_context()
         self.source = source
@@ -91,6 +100,16 @@ class Scope:
         #: a session of ours began a transaction in this scope (so there may be
         #: something to commit); a scope that never touched the database skips it
         self.used = False
+        #: the statement timeout of this scope's transactions, if bounded
+        self.timeout = timeout
+        #: the watchdog's view of this scope's waits, while bounded
+        self.watch: Watch | None = None
+        #: a flush or a statement other than a SELECT ran in the current transaction
+        self.wrote = False
+        #: the connections of the current transaction
+        self.connections: list[Connection] = []
+        #: (engine, transaction id) of each connection that wrote, asked before COMMIT
+        self.txids: list[tuple[Engine, int]] = []
 
     def __enter__(self) -> Scope:
         ctx = self._ctx
@@ -103,6 +122,15 @@ class Scope:
             if ctx is not None:
                 ctx.pop()
             raise
+        self._watch_token: Token[Watch | None] | None
+        if self.timeout is not None:
+            self.watch = Watch(self.timeout)
+            self._watch_token = current_watch.set(self.watch)
+            WATCHDOG.register(self.watch)
+        elif current_watch.get() is not None:  # an unbounded scope inside a bounded one
+            self._watch_token = current_watch.set(None)
+        else:
+            self._watch_token = None
         return self
 
     def __exit__(
@@ -119,6 +147,10 @@ class Scope:
                         _rollback(session)
             finally:
                 _current.reset(self._var_token)
+                if self._watch_token is not None:
+                    current_watch.reset(self._watch_token)
+                    if self.watch is not None:
+                        WATCHDOG.unregister(self.watch)
                 self.source.close(self.token)
         finally:
             if self._ctx is not None:
@@ -160,60 +192,6 @@ class Scope:
 
 
 _current: ContextVar[Scope | None] = ContextVar("socketio_dbctx_scope", default=None)
-
-
-def _on_commit_start(session: Session) -> None:
-    # A COMMIT inside an event, by us or by the handler itself, puts the event in the
-    # commit phase: losing the connection from here on leaves the outcome unknown.
-    scope = _current.get()
-    if scope is not None and scope.event is not None:
-        scope.event.phase = "commit"
-
-
-def _on_committed(session: Session) -> None:
-    # Once a COMMIT went through, running the event again would apply it twice.
-    scope = _current.get()
-    if scope is not None:
-        scope.unsaved = False
-        if scope.event is not None:
-            scope.event.committed = True
-
-
-def _on_transaction(session: Session, transaction: Any) -> None:
-    scope = _current.get()
-    if scope is not None:
-        scope.used = True
-
-
-def _on_flushed(session: Session, flush_context: Any) -> None:
-    scope = _current.get()
-    if scope is not None:
-        scope.unsaved = True
-
-
-_FOLLOWED = "_socketio_dbctx_followed"
-
-
-def follow_commits(factory: Any) -> None:
-    """Follow the sessions ``factory`` makes: the commit phase of events, writes not
-    yet committed, whether a transaction began in the scope.
-
-    ``factory`` is a ``sessionmaker`` or ``scoped_session``: SQLAlchemy attaches the
-    listeners to that maker's own ``Session`` subclass, so sessions made elsewhere in
-    the process never run them. Idempotent: the subclass itself is marked, because
-    ``event.contains()`` keys on ``id()`` and can answer for a collected class whose id
-    a new one reuses.
-    """
-    maker = getattr(factory, "session_factory", factory)
-    cls = getattr(maker, "class_", None)
-    if cls is not None and cls.__dict__.get(_FOLLOWED):
-        return
-    sa_event.listen(factory, "before_commit", _on_commit_start)
-    sa_event.listen(factory, "after_commit", _on_committed)
-    sa_event.listen(factory, "after_flush", _on_flushed)
-    sa_event.listen(factory, "after_transaction_create", _on_transaction)
-    if cls is not None:
-        setattr(cls, _FOLLOWED, True)
 
 
 def current_scope() -> Scope | None:
@@ -299,14 +277,16 @@ def session_scope(
     label: str = "scope",
     defer: bool = True,
     failed: Callable[[], Any] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[Session]:
     """Sync scope for code outside Socket.IO events; yields the session.
 
     :param label: names the scope in leak reports (e.g. ``"task:refresh_prices"``).
     :param defer: hold emits until the scope has committed.
     :param failed: counts a held send that failed after the commit.
+    :param timeout: the statement timeout of the scope's transactions.
     """
-    with open_scope(app, source, label=label, defer=defer) as scope:
+    with open_scope(app, source, label=label, defer=defer, timeout=timeout) as scope:
         yield scope.session
         if commit_on_success:
             commit(scope)

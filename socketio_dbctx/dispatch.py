@@ -22,6 +22,7 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from . import emits, middleware, packets
 from .admission import Admission
 from .config import Settings
+from .decorators import KeyFunc
 from .errors import ContextSetupError
 from .pipeline import Event, HandlerSpec, Middleware, Step, Wrap, adapt, build_chain
 from .state import AppState, app_state
@@ -46,6 +47,7 @@ class Runtime:
         admission: Admission,
         extra: Sequence[Middleware],
         find_error: middleware.ErrorHandlerFinder,
+        key: KeyFunc | None = None,
     ) -> None:
         self.state = state
         self.settings = settings
@@ -54,11 +56,13 @@ class Runtime:
             middleware.metrics,
             middleware.retry,
             middleware.transaction,
-            *(adapt(mw) for mw in extra),
         )
+        user = tuple(adapt(mw) for mw in extra)
         errors = middleware.errors(find_error)
-        self.chain: Step = build_chain((errors, middleware.admission(admission), *inner))
-        self.lifecycle_chain: Step = build_chain((errors, *inner))
+        self.chain: Step = build_chain(
+            (errors, middleware.admission(admission), *inner, middleware.idempotency(key), *user)
+        )
+        self.lifecycle_chain: Step = build_chain((errors, *inner, *user))
 
 
 class RuntimeCache:
@@ -66,6 +70,7 @@ class RuntimeCache:
 
     :param overrides: the namespace's setting overrides (``None``: the app's value).
     :param extra: user middleware, innermost.
+    :param key: the namespace's idempotency key function, for handlers without one.
     """
 
     # First events of many clients at once must not build two runtimes (two admissions).
@@ -75,9 +80,11 @@ class RuntimeCache:
         self,
         overrides: Mapping[str, Any] | None = None,
         extra: Sequence[Middleware] = (),
+        key: KeyFunc | None = None,
     ) -> None:
         self.overrides = dict(overrides or {})
         self.extra = tuple(extra)
+        self.key = key
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
         # the last app's runtime: a WeakKeyDictionary lookup makes a weakref each time
         self._last: tuple[Callable[[], Any], Runtime | None] = (lambda: None, None)
@@ -114,6 +121,7 @@ class RuntimeCache:
             admission,
             self.extra,
             lambda event: find_error_handler(socketio, event),
+            self.key,
         )
 
 

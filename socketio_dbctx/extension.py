@@ -22,6 +22,7 @@ from .cluster import ClusterView, cluster_redis_url
 from .config import Settings, is_number, load_settings
 from .errors import ContextSetupError
 from .hooks import install
+from .idempotency import create_tables
 from .monitor import MonitorNamespace
 from .pool import worst_status
 from .sessions import SessionFactory, make_source
@@ -244,6 +245,7 @@ class DBContext:
             label=label,
             defer=state.settings.defer_emits,
             failed=state.metrics.after_commit_failed,
+            timeout=state.settings.statement_timeout,
         )
 
     @staticmethod
@@ -386,6 +388,19 @@ class DBContext:
     def draining(self) -> bool:
         """Whether :meth:`drain` was called (on any app of this extension)."""
         return any(state.draining for state in self._states.values())
+
+    def create_tables(self) -> None:
+        """Create the tables socketio_dbctx needs (today the idempotency keys' table,
+        :func:`~socketio_dbctx.idempotency_table`) on the default engine, when missing.
+        Safe to call at every start, from every worker.
+
+        .. versionadded:: 0.1
+        """
+        app, state = self._current()
+        engine = state.engines(app).get("default")
+        if engine is None:
+            raise ContextSetupError("create_tables() found no default engine for this app")
+        create_tables(engine)
 
     def metrics(self) -> dict[str, EventSummary]:
         """Per-event counters and latency percentiles, keyed ``"namespace:event"``."""

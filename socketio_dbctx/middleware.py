@@ -1,6 +1,7 @@
 """The built-in pipeline steps, outermost first::
 
-    errors -> admission -> metrics -> retry -> transaction -> user middleware -> handler
+    errors -> admission -> metrics -> retry -> transaction -> idempotency
+        -> user middleware -> handler
 
 Each is a :data:`~socketio_dbctx.pipeline.Wrap`: it takes the rest of the chain and
 returns its own step, once, when a namespace's runtime is built. ``transaction``
@@ -19,15 +20,27 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy import exc as sa_exc
 
 from .acks import error_code, error_payload, log_failure
-from .context import commit, open_scope, release
-from .errors import BusyError, ContextSetupError
-from .retry import retry_after
+from .context import Scope, after_commit, commit, open_scope, release, require_session
+from .errors import BusyError, ContextSetupError, OutcomeUnknownError, StatementTimeoutError
+from .idempotency import read_key
+from .outcomes import resolve
+from .retry import rerun_is_safe, retry_after
+from .transient import is_connection_error
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .decorators import KeyFunc
     from .pipeline import Event, Step, Wrap
 
-__all__ = ["admission", "errors", "metrics", "retry", "transaction"]
+__all__ = [
+    "admission",
+    "errors",
+    "idempotency",
+    "metrics",
+    "retry",
+    "statement_timeout_of",
+    "transaction",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +176,9 @@ def transaction(rest: Step) -> Step:
 
     The first attempt of an event that arrived with no app context active runs in the
     app context Flask-SocketIO pushed for this event alone: it is already fresh. Every
-    other case (an outer app context, a retry) pushes a new one.
+    other case (an outer app context, a retry) pushes a new one. Statements are bounded
+    by the event's statement timeout (:func:`statement_timeout_of`). A COMMIT whose
+    answer was lost is settled by :func:`_settle`.
     """
 
     def step(event: Event) -> Any:
@@ -171,20 +186,114 @@ def transaction(rest: Step) -> Step:
         event.committed = False
         fresh = event.fresh_context and event.attempt == 1
         settings = event.settings
-        with open_scope(
+        scope = open_scope(
             event.app,
             event.state.source,
             event=event,
             label=event.key,
             fresh_context=fresh,
             defer=settings.defer_emits,
-        ) as scope:
-            result = rest(event)
-            if settings.commit_on_success:
-                commit(scope)
-            held = scope.take_held() if scope.held else None
+            timeout=statement_timeout_of(event),
+        )
+        result: Any = _NOTHING
+        try:
+            with scope:
+                result = rest(event)
+                if settings.commit_on_success:
+                    commit(scope)
+                held = scope.take_held() if scope.held else None
+        except Exception as exc:
+            return _settle(event, scope, exc, result)
         if held:  # after the commit and the close, before the ack; failures are logged
             release(held, event.state.metrics.after_commit_failed)
         return result
 
     return step
+
+
+_NOTHING = object()
+
+
+def statement_timeout_of(event: Event) -> float | None:
+    """The event's statement timeout: its handler's ``@statement_timeout`` (``None``
+    included), else the namespace's or the app's ``statement_timeout``."""
+    options = event.options
+    if "statement_timeout" in options:
+        return options["statement_timeout"]  # type: ignore[no-any-return]
+    return event.settings.statement_timeout
+
+
+def _settle(event: Event, scope: Scope, exc: Exception, result: Any) -> Any:
+    """An attempt failed: re-raise what the pipeline should see of it.
+
+    A statement the watchdog cut is a statement timeout. A COMMIT that lost its answer
+    is resolved when the database can tell (:func:`~socketio_dbctx.outcomes.resolve`):
+    committed, the event succeeded (its ack, and its held sends, once); aborted, it is
+    retried like any transient failure. Unresolved, a handler that may run again
+    (``@idempotent``, or with an idempotency key) is retried; any other event is
+    answered ``outcome_unknown``.
+    """
+    watch = scope.watch
+    cut = watch is not None and watch.cut
+    if event.phase != "commit" or event.committed:
+        if cut:
+            raise StatementTimeoutError(
+                f"no answer from the database within {scope.timeout}s; the connection "
+                "was discarded"
+            ) from exc
+        raise exc
+    if not (cut or is_connection_error(exc)):
+        raise exc  # the server answered the COMMIT: it failed, nothing is uncertain
+    outcome = resolve(scope.txids, event.sleep) if scope.txids else None
+    logger.warning(
+        "%s for sid %s: the connection was lost during COMMIT; outcome: %s",
+        event.key,
+        event.sid,
+        outcome or "unknown",
+    )
+    if outcome == "committed" and result is not _NOTHING:
+        event.committed = True
+        release(scope.held, event.state.metrics.after_commit_failed)
+        return result
+    if outcome == "aborted":
+        event.phase = "handler"  # nothing was applied: as safe to retry as a failed INSERT
+        raise exc
+    if rerun_is_safe(event):
+        event.unsettled = scope.held
+        raise exc
+    raise OutcomeUnknownError(
+        "the connection was lost while COMMIT was on its way and the outcome could not "
+        "be found out; check before trying again, or give the handler an idempotency key"
+    ) from exc
+
+
+def idempotency(default_key: KeyFunc | None) -> Wrap:
+    """Answer a repeat of an idempotency key with the stored ack; store the ack of the
+    run that claims it, in its own transaction (inside ``transaction``).
+
+    :param default_key: the namespace's key function, for handlers without their own.
+    """
+
+    def wrap(rest: Step) -> Step:
+        def step(event: Event) -> Any:
+            key_func = event.options.get("idempotency_key", default_key)
+            if key_func is None:
+                return rest(event)
+            key = event.idempotency_key = read_key(key_func, event.args)
+            if key is None:
+                return rest(event)
+            store = event.state.keys
+            session = require_session()
+            stored = store.claim(session, event.namespace, event.name, key)
+            if stored is not None:
+                unsettled, event.unsettled = event.unsettled, None
+                if unsettled:  # this event's own earlier attempt did commit
+                    after_commit(release, unsettled, event.state.metrics.after_commit_failed)
+                return stored.ack
+            result = rest(event)
+            store.store(session, event.namespace, event.name, key, result)
+            return result
+
+        return step
+
+    return wrap

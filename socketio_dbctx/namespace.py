@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from .config import NamespaceSettings
 from .context import require_session
+from .decorators import KeyFunc
 from .dispatch import RuntimeCache, run_event
 from .hooks import original_handle_event
 from .pipeline import Middleware
@@ -25,13 +26,18 @@ class DBContextNamespace(NamespaceSettings, Namespace):  # type: ignore[misc]
 
     Class attributes named after settings (``max_retries = 0``, see
     :class:`~socketio_dbctx.NamespaceSettings`) override the app's configuration for
-    this namespace; ``None`` keeps the app's value. ``extra_middleware`` is a sequence
+    this namespace; ``None`` keeps the app's value. ``idempotency_key`` gives every
+    event of the namespace an idempotency key (see
+    :func:`~socketio_dbctx.idempotency_key`). ``extra_middleware`` is a sequence
     of ``mw(event, call_next)`` callables run innermost, just around the handler,
     inside the event's context. Everything a plain ``Namespace`` offers works as there,
     python-socketio's per-client ``self.session(sid)`` included.
     """
 
     extra_middleware: Sequence[Middleware] = ()
+    #: A function of the payload giving the client's idempotency key, for the events
+    #: of this namespace whose handler has no ``@idempotency_key`` of its own.
+    idempotency_key: KeyFunc | None = None
 
     def __init__(self, namespace: str | None = None) -> None:
         super().__init__(namespace)
@@ -50,8 +56,10 @@ class DBContextNamespace(NamespaceSettings, Namespace):  # type: ignore[misc]
             return None
         runtimes = self._dbctx_runtimes
         if runtimes is None:
+            # read from the class: a function stored there must not become a method
+            key = getattr(type(self), "idempotency_key", None)
             runtimes = self._dbctx_runtimes = RuntimeCache(
-                self.setting_overrides(), self.extra_middleware
+                self.setting_overrides(), self.extra_middleware, key
             )
         socketio, namespace = self.socketio, self.namespace
         # With no app context active now, the one Flask-SocketIO pushes for this event

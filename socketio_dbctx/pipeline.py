@@ -91,6 +91,10 @@ class Event:
         then ``"commit"``.
     :ivar committed: True once a COMMIT of this event went through (the handler's own
         included): a retry would apply it twice.
+    :ivar idempotency_key: the client's key, when the handler has one (read by the
+        ``idempotency`` step).
+    :ivar unsettled: the held sends of an attempt whose COMMIT lost its answer; sent if
+        a later attempt finds that COMMIT went through.
     """
 
     __slots__ = (
@@ -100,6 +104,7 @@ class Event:
         "committed",
         "fresh_context",
         "handler",
+        "idempotency_key",
         "key",
         "name",
         "namespace",
@@ -110,6 +115,7 @@ class Event:
         "sleep",
         "spec",
         "state",
+        "unsettled",
     )
 
     def __init__(
@@ -143,6 +149,8 @@ class Event:
         self.attempt = 1
         self.phase = "admission"
         self.committed = False
+        self.idempotency_key: str | None = None
+        self.unsettled: list[Callable[[], Any]] | None = None
 
     def __repr__(self) -> str:
         return f"<Event {self.key} sid={self.sid} attempt={self.attempt}>"

@@ -20,7 +20,7 @@ from .transient import is_rolled_back, is_transient
 if TYPE_CHECKING:
     from .pipeline import Event, Step
 
-__all__ = ["backoff", "max_retries_of", "retry_after", "should_retry"]
+__all__ = ["backoff", "max_retries_of", "rerun_is_safe", "retry_after", "should_retry"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,7 @@ def _retry_predicate(state: RetryCallState) -> bool:
     exc = outcome.exception()
     assert exc is not None
     return should_retry(
-        exc,
-        phase=event.phase,
-        idempotent=event.options.get("idempotent", False),
-        committed=event.committed,
+        exc, phase=event.phase, idempotent=rerun_is_safe(event), committed=event.committed
     )
 
 
@@ -78,6 +75,13 @@ def _before_sleep(state: RetryCallState) -> None:
         exc,
     )
     event.state.metrics.retried(event.key)
+
+
+def rerun_is_safe(event: Event) -> bool:
+    """Whether running ``event`` again is harmless even after a COMMIT that may have
+    gone through: its handler is ``@idempotent``, or the event has an idempotency key
+    (a re-run finds the committed key and answers with its stored ack)."""
+    return bool(event.options.get("idempotent", False)) or event.idempotency_key is not None
 
 
 def max_retries_of(event: Event) -> int:
@@ -99,10 +103,7 @@ def retry_after(event: Event, rest: Step, first: Exception) -> Any:
     options = event.options
     max_retries = max_retries_of(event)
     if max_retries == 0 or not should_retry(
-        first,
-        phase=event.phase,
-        idempotent=options.get("idempotent", False),
-        committed=event.committed,
+        first, phase=event.phase, idempotent=rerun_is_safe(event), committed=event.committed
     ):
         raise first
     retrying = Retrying(

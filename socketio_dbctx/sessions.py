@@ -12,8 +12,8 @@ from flask import Flask, current_app, has_app_context
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from .context import follow_commits
 from .errors import ContextSetupError
+from .transactions import follow_commits
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy

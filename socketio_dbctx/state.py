@@ -24,6 +24,7 @@ from .config import Settings, load_settings
 from .drivers import check_green_driver, enforce_connect_timeout
 from .errors import ContextSetupError
 from .health import health_check, probe_failing
+from .idempotency import KeyStore
 from .leaks import LeakWatchdog, PoolTracker, Stack
 from .metrics import EventMetrics
 from .pool import pool_capacity, pool_status, worst_status
@@ -31,6 +32,7 @@ from .sessions import SessionSource, make_source
 from .shapes import HealthResult, MonitorPayload, PoolStatus
 from .tasks import spawn
 from .throttle import LogThrottle
+from .timeouts import reset_on_checkin
 
 if TYPE_CHECKING:
     from flask_socketio import SocketIO
@@ -74,6 +76,8 @@ class AppState:
         #: which failed events are logged in full (``socketio_dbctx.acks.log_failure``)
         self.log_throttle = LogThrottle()
         self.tracker = PoolTracker(_describe_checkout, settings.leak_threshold)
+        #: the app's idempotency keys
+        self.keys = KeyStore(settings.idempotency_ttl, lambda target: spawn(socketio, target))
         #: the cluster view (several workers on a Redis message queue), when enabled
         self.cluster: Any = None
         self._leak_watchdog: LeakWatchdog | None = None
@@ -118,6 +122,7 @@ class AppState:
                     self.tracker.watch_waits(engine)
                     # the server's mode when known now; else the first event bounds it
                     enforce_connect_timeout(engine, self.async_mode)
+                    reset_on_checkin(engine)
                 if self.settings.leak_threshold and self._leak_watchdog is None:
                     self._leak_watchdog = _start_leak_watchdog(self.tracker, self.socketio)
                 self._followed = True

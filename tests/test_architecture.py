@@ -12,6 +12,8 @@ import socketio_dbctx
 
 PACKAGE = Path(socketio_dbctx.__file__).parent
 LAYER_LINE = re.compile(r"^    ([a-z]+)\s{2,}([a-z_ ]+?)\s*$")
+#: more modules of the layer above, on a line of their own
+MORE_LINE = re.compile(r"^ {16}([a-z_ ]+?)\s*$")
 
 
 def drawn_layers() -> list[tuple[str, list[str]]]:
@@ -22,6 +24,8 @@ def drawn_layers() -> list[tuple[str, list[str]]]:
         match = LAYER_LINE.match(line)
         if match:
             layers.append((match.group(1), match.group(2).split()))
+        elif layers and MORE_LINE.match(line):
+            layers[-1][1].extend(line.split())
     return layers
 
 

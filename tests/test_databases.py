@@ -190,18 +190,7 @@ def test_a_real_statement_timeout_acks_timeout_and_is_never_retried(
 
 @pytest.mark.parametrize(
     "flush_first",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a handler's own commit() flushes after before_commit marked the commit "
-                "phase, so a lock met by that flush's INSERT (nothing written yet) is taken "
-                "for an uncertain COMMIT and not retried",
-            ),
-        ),
-    ],
+    [True, False],
     ids=["handler_flushes", "commit_flushes"],
 )
 def test_sqlite_locked_before_commit_is_retried(tmp_path: Any, flush_first: bool) -> None:

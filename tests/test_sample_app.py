@@ -713,10 +713,6 @@ def test_a_book_locked_too_long_answers_busy(
     assert _checked_out(app) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: @idempotency_key is a marker only; the key store is not built yet",
-)
 def test_a_repeated_client_order_id_is_placed_once(trading: tuple[Flask, SocketIO]) -> None:
     """``place_order`` is ``@idempotency_key(client_order_id)``: the page resends an order
     with its id after no answer, ``busy`` or ``outcome_unknown``; the repeat gets the first
