@@ -17,7 +17,11 @@ worker (``python -m sample_app``, threading, its defaults: ``DBCTX_STATEMENT_TIM
   COMMIT happened, the app only sees its connection break (:meth:`TcpProxy.cut_next_commit`,
   armed again as soon as the previous one was used, at most every 0.25 s);
 * ``freeze``: nothing forwarded either way for ``--freeze`` seconds (default 3), connections
-  kept open (:meth:`TcpProxy.partition`), then :meth:`TcpProxy.restore`; repeated after 2 s.
+  kept open (:meth:`TcpProxy.partition`), then :meth:`TcpProxy.restore`; repeated after 2 s;
+* ``long_freeze``: the same for 8 s, longer than the sample's bound for a hung database
+  (``DBCTX_STATEMENT_TIMEOUT`` + 1.5 s = 6.5 s, when the library's watchdog shuts a stuck
+  connection down), so stuck events are answered ``timeout`` or ``outcome_unknown`` and
+  resent; this fault runs for at least 10 s.
 
 Each order carries a fresh ``client_order_id`` (the sample's idempotency key) and a
 quantity no other order of the run has, so every stored row is matched to its request.
@@ -28,7 +32,8 @@ against the ``orders`` table (read directly, not through the proxy), and the app
 must be back to 0 connections checked out.
 
 Columns: ``requests`` orders placed (one per client order id, resends not counted);
-``resends``; ``ok, stored once`` final answer ``ok`` and exactly one row, the one acked;
+``resends`` (and the answers that caused them); ``ok, stored once`` final answer ``ok``
+and exactly one row, the one acked;
 ``failed, not stored`` final answer an error other than ``outcome_unknown`` and no row;
 ``outcome_unknown`` final answer ``outcome_unknown`` (must be 0 on PostgreSQL: the
 library resolves a lost COMMIT with ``txid_status()``); ``duplicates`` requests with more
@@ -40,7 +45,7 @@ is not, 2 when the benchmark could not run.
 Run from the repository root::
 
     python benchmarks/nothing_lost.py [--clients 10] [--seconds 10] [--faults kill,freeze]
-    python benchmarks/nothing_lost.py --quick     # 4 clients, 3 s per fault
+    python benchmarks/nothing_lost.py --quick     # 4 clients, 3 s per fault (10 s long_freeze)
 
 PostgreSQL: ``DBCTX_TEST_POSTGRES_URL``.
 """
@@ -83,7 +88,10 @@ POSTGRES_URL = os.environ.get(
 )
 NS = "/trading"
 TOKEN = "nothing-lost-benchmark"
-FAULTS = ("none", "kill", "refuse", "blackhole", "lost_commit", "freeze")
+FAULTS = ("none", "kill", "refuse", "blackhole", "lost_commit", "freeze", "long_freeze")
+#: Past the sample's client-side bound for a hung database: DBCTX_STATEMENT_TIMEOUT (5 s)
+#: + 1.5 s, after which the watchdog shuts the stuck connection down.
+LONG_FREEZE = 8.0
 SYMBOLS = ("BTC.USD", "ETH.USD")
 #: libpq's connect timeout in the app's URL: a connect into a black hole ends after it.
 CONNECT_TIMEOUT = 2
@@ -109,6 +117,8 @@ class Attempt:
 
     sent: float
     ack: Any = None
+    #: what the client made of it when it decided (``no_answer`` after the ack timeout)
+    seen: str = ""
     answered: threading.Event = field(default_factory=threading.Event)
 
     def record(self, *ack_args: Any) -> None:
@@ -159,6 +169,7 @@ class Outcome:
     violations: int = 0
     injected: str = ""
     final_errors: Counter[str] = field(default_factory=Counter)
+    resent_after: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -170,11 +181,12 @@ class Outcome:
             return f"**{value}**" if value else "0"
 
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.final_errors.items())) or "-"
+        resent = ", ".join(f"{k} {v}" for k, v in sorted(self.resent_after.items()))
         return [
             self.fault,
             self.injected,
             self.requests,
-            self.resends,
+            f"{self.resends} ({resent})" if resent else self.resends,
             self.ok_once,
             self.failed_not_stored,
             must_be_zero(self.outcome_unknown),
@@ -203,6 +215,7 @@ def check(
     for request in requests:
         known.add(request.qty)
         out.resends += len(request.attempts) - 1
+        out.resent_after.update(a.seen for a in request.attempts[:-1])
         out.no_ack += sum(not a.answered.is_set() for a in request.attempts)
         rows = by_qty.get(request.qty, [])
         final = request.final
@@ -279,7 +292,7 @@ def place(client: socketio.Client, request: Request) -> None:
             client.emit("place_order", request.payload, namespace=NS, callback=attempt.record)
         attempt.answered.wait(ACK_TIMEOUT)
         ack = attempt.ack if attempt.answered.is_set() else None
-        kind = code(ack)
+        kind = attempt.seen = code(ack)
         if kind not in RESEND_CODES or len(request.attempts) > RESENDS:
             return
         wait = RESEND_WAIT
@@ -379,12 +392,13 @@ def inject(
                     proxy.cut_next_commit()
                     done.count += 1
                 _sleep(stop, 0.25)
-        elif fault == "freeze":
-            done.detail = lambda: f"{done.count} x {freeze:g} s frozen"
+        elif fault in ("freeze", "long_freeze"):
+            seconds = freeze if fault == "freeze" else LONG_FREEZE
+            done.detail = lambda: f"{done.count} x {seconds:g} s frozen"
             while not stop.is_set():
                 proxy.partition()
                 done.count += 1
-                _sleep(stop, freeze)
+                _sleep(stop, seconds)
                 proxy.restore()
                 _sleep(stop, 2.0)
         elif fault != "none":
@@ -499,7 +513,8 @@ def _drive(
             daemon=True,
         )
         per_client: list[list[Request]] = [[] for _ in clients]
-        end_at = time.monotonic() + args.seconds
+        seconds = args.seconds if fault != "long_freeze" else max(args.seconds, LONG_FREEZE + 2)
+        end_at = time.monotonic() + seconds
         threads = [
             threading.Thread(
                 target=client_loop,
