@@ -136,7 +136,8 @@ class KeyStore:
         self._lock = threading.Lock()
 
     def claim(self, session: Session, namespace: str, event: str, key: str) -> Stored | None:
-        """Claim ``key`` in ``session``'s transaction: None when this run owns it (run
+        """Claim ``key`` in ``session``'s transaction (through the session, so the claim
+        counts as a write of the scope): None when this run owns it (run
         the handler, then :meth:`store`), else the stored ack of an earlier run.
 
         :raises BusyError: when the key stays contended.
@@ -151,25 +152,25 @@ class KeyStore:
             insert = _insert_skipping(dialect)
             values = {**pk, "ack": None, "expires_at": now + self.ttl}
             if insert is not None:
-                if connection.execute(insert.values(**values)).rowcount == 1:
+                if session.execute(insert.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
                     return None
             else:  # no insert-or-skip: a savepoint catches the duplicate
                 try:
                     with session.begin_nested():
-                        connection.execute(_TABLE.insert().values(**values))
+                        session.execute(_TABLE.insert().values(**values))
                     return None
                 except sa.exc.IntegrityError:
                     pass
             query = sa.select(_TABLE.c.ack, _TABLE.c.expires_at).where(where)
             if dialect != "sqlite":
                 query = query.with_for_update(read=True)  # the latest committed row
-            row = connection.execute(query).first()
+            row = session.execute(query).first()
             if row is None:
                 continue  # purged in between: claim again
             if row.expires_at <= now:
                 expired = sa.and_(where, _TABLE.c.expires_at <= now)
                 update = _TABLE.update().where(expired).values(ack=None, expires_at=now + self.ttl)
-                if connection.execute(update).rowcount == 1:
+                if session.execute(update).rowcount == 1:  # type: ignore[attr-defined]
                     return None
                 continue
             if row.ack is not None:
@@ -188,7 +189,7 @@ class KeyStore:
         where = sa.and_(
             _TABLE.c.namespace == namespace, _TABLE.c.event == event, _TABLE.c.key == key
         )
-        session.connection().execute(_TABLE.update().where(where).values(ack=text))
+        session.execute(_TABLE.update().where(where).values(ack=text))
 
     def _purge_soon(self, engine: Engine) -> None:
         now = time.monotonic()
