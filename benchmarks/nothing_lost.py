@@ -16,6 +16,9 @@ worker (``python -m sample_app``, threading, its defaults: ``DBCTX_STATEMENT_TIM
 * ``lost_commit``: the answer to a COMMIT is dropped and that connection closed: the
   COMMIT happened, the app only sees its connection break (:meth:`TcpProxy.cut_next_commit`,
   armed again as soon as the previous one was used, at most every 0.25 s);
+* ``lost_commit_down``: the same, and the proxy then refuses every connection for 3 s
+  (``cut_next_commit(after="refuse")``): the library cannot ask ``txid_status()`` in time,
+  answers ``outcome_unknown``, and the client resends with its ``client_order_id``;
 * ``freeze``: nothing forwarded either way for ``--freeze`` seconds (default 3), connections
   kept open (:meth:`TcpProxy.partition`), then :meth:`TcpProxy.restore`; repeated after 2 s;
 * ``long_freeze``: the same for 8 s, longer than the sample's bound for a hung database
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import random
 import sys
@@ -88,7 +92,13 @@ POSTGRES_URL = os.environ.get(
 )
 NS = "/trading"
 TOKEN = "nothing-lost-benchmark"
-FAULTS = ("none", "kill", "refuse", "blackhole", "lost_commit", "freeze", "long_freeze")
+FAULTS = (
+    "none", "kill", "refuse", "blackhole", "lost_commit", "lost_commit_down", "freeze",
+    "long_freeze",
+)  # fmt: skip
+#: lost_commit_down: seconds the database stays refused after the lost COMMIT, longer
+#: than the library's txid_status() attempts (about 2.5 s)
+DOWN_AFTER_COMMIT = 3.0
 #: Past the sample's client-side bound for a hung database: DBCTX_STATEMENT_TIMEOUT (5 s)
 #: + 1.5 s, after which the watchdog shuts the stuck connection down.
 LONG_FREEZE = 8.0
@@ -392,6 +402,18 @@ def inject(
                     proxy.cut_next_commit()
                     done.count += 1
                 _sleep(stop, 0.25)
+        elif fault == "lost_commit_down":
+            if "after" not in inspect.signature(proxy.cut_next_commit).parameters:
+                raise BenchError("lost_commit_down needs TcpProxy.cut_next_commit(after=...)")
+            done.detail = lambda: f"{proxy.commits_cut} COMMIT answers lost, then down"
+            while not stop.is_set():
+                proxy.cut_next_commit(after="refuse")
+                done.count += 1
+                while proxy.state == "forwarding" and not stop.wait(0.02):
+                    pass
+                _sleep(stop, DOWN_AFTER_COMMIT)
+                proxy.restore()
+                _sleep(stop, 1.0)
         elif fault in ("freeze", "long_freeze"):
             seconds = freeze if fault == "freeze" else LONG_FREEZE
             done.detail = lambda: f"{done.count} x {seconds:g} s frozen"
@@ -570,6 +592,14 @@ def _wait_late_acks(requests: Sequence[Request]) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
+def default_faults() -> list[str]:
+    """Every fault, without ``lost_commit_down`` when the proxy cannot refuse right after
+    a lost COMMIT (``cut_next_commit(after=...)``)."""
+    if "after" in inspect.signature(TcpProxy.cut_next_commit).parameters:
+        return list(FAULTS)
+    return [f for f in FAULTS if f != "lost_commit_down"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=positive_int, default=10, help="default 10")
@@ -578,8 +608,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--faults",
-        default=",".join(FAULTS),
-        help=f"comma-separated, of {', '.join(FAULTS)} (default: all)",
+        default=",".join(default_faults()),
+        help=f"comma-separated, of {', '.join(FAULTS)} (default: all that "
+        "tests/tcp_proxy.py can inject)",
     )
     parser.add_argument(
         "--rate", type=positive_float, default=10.0, help="orders a second per client (default 10)"

@@ -123,13 +123,11 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert (args.clients, args.seconds, args.faults) == (4, 3.0, ["kill", "freeze"])
 
 
-@pytest.mark.server
-@pytest.mark.postgres
-def test_quick_run_loses_nothing(postgres_url: str) -> None:
-    """Every fault, ``--quick``: exit 0, one row per fault, the must-be-0 columns 0."""
+def _run(postgres_url: str, *argv: str) -> tuple[int, str, dict[str, dict[str, str]]]:
+    """Run the script; (exit status, everything it printed, its table's rows by fault)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick"],
+        [sys.executable, str(SCRIPT), *argv],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": path, "DBCTX_TEST_POSTGRES_URL": postgres_url},
         capture_output=True,
@@ -143,14 +141,52 @@ def test_quick_run_loses_nothing(postgres_url: str) -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("| ") and cells[0] in lost.FAULTS:
             rows[cells[0]] = dict(zip(lost.HEADERS, cells))
-    assert sorted(rows) == sorted(lost.FAULTS), report
+    return result.returncode, report, rows
+
+
+def _assert_nothing_lost(fault: str, row: dict[str, str]) -> None:
+    assert int(row["requests"]) > 0, fault
+    for column in ("outcome_unknown", "duplicates", "no ack", "violations"):
+        assert row[column] == "0", (fault, column, row)
+    done = int(row["ok, stored once"]) + int(row["failed, not stored"])
+    assert done == int(row["requests"]), (fault, row)
+    if fault != "none":
+        assert re.match(r"[1-9]", row["injected"]), (fault, row)
+
+
+#: every fault but lost_commit_down (below)
+QUICK_FAULTS = [f for f in lost.FAULTS if f != "lost_commit_down"]
+
+
+@pytest.mark.server
+@pytest.mark.postgres
+def test_quick_run_loses_nothing(postgres_url: str) -> None:
+    """Every fault, ``--quick``: exit 0, one row per fault, the must-be-0 columns 0."""
+    status, report, rows = _run(postgres_url, "--quick", "--faults", ",".join(QUICK_FAULTS))
+    assert sorted(rows) == sorted(QUICK_FAULTS), report
     for fault, row in rows.items():
-        assert int(row["requests"]) > 0, (fault, report)
-        for column in ("outcome_unknown", "duplicates", "no ack", "violations"):
-            assert row[column] == "0", (fault, column, report)
-        assert int(row["ok, stored once"]) + int(row["failed, not stored"]) == int(
-            row["requests"]
-        ), (fault, report)
-        if fault != "none":
-            assert re.match(r"[1-9]", row["injected"]), (fault, row["injected"], report)
-    assert result.returncode == 0, report
+        _assert_nothing_lost(fault, row)
+    assert status == 0, report
+
+
+@pytest.mark.server
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: a keyed event whose COMMIT lost its answer while the database "
+    "stays unreachable is re-run (rerun_is_safe), the re-runs fail to connect, and the "
+    "ack is db_unavailable (retryable false) although the first attempt committed; it "
+    "should be outcome_unknown",
+)
+def test_lost_commit_with_the_database_down_is_never_told_failed(postgres_url: str) -> None:
+    """The COMMIT of ``place_order`` (keyed by ``client_order_id``) is applied, its answer
+    lost, and the database refuses connections for 3 s right after: the client may be
+    told ``outcome_unknown`` (and resends), never that the order failed."""
+    if "lost_commit_down" not in lost.default_faults():
+        pytest.skip("tests/tcp_proxy.py has no cut_next_commit(after='refuse') yet")
+    status, report, rows = _run(
+        postgres_url, "--faults", "lost_commit_down", "--clients", "4", "--seconds", "4"
+    )
+    assert list(rows) == ["lost_commit_down"], report
+    _assert_nothing_lost("lost_commit_down", rows["lost_commit_down"])
+    assert status == 0, report
