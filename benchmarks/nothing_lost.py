@@ -16,9 +16,11 @@ worker (``python -m sample_app``, threading, its defaults: ``DBCTX_STATEMENT_TIM
 * ``lost_commit``: the answer to a COMMIT is dropped and that connection closed: the
   COMMIT happened, the app only sees its connection break (:meth:`TcpProxy.cut_next_commit`,
   armed again as soon as the previous one was used, at most every 0.25 s);
-* ``lost_commit_down``: the same, and the proxy then refuses every connection for 3 s
-  (``cut_next_commit(after="refuse")``): the library cannot ask ``txid_status()`` in time,
-  answers ``outcome_unknown``, and the client resends with its ``client_order_id``;
+* ``lost_commit_down``: the same, and the proxy then refuses every connection for 5 s
+  (``cut_next_commit(after="refuse")``): the library cannot ask ``txid_status()`` in time;
+  the answer must not say the order failed (``outcome_unknown``, and the client resends
+  with its ``client_order_id``); this fault runs for at least 7 s and needs a
+  ``tests/tcp_proxy.py`` with ``cut_next_commit(after=...)``;
 * ``freeze``: nothing forwarded either way for ``--freeze`` seconds (default 3), connections
   kept open (:meth:`TcpProxy.partition`), then :meth:`TcpProxy.restore`; repeated after 2 s;
 * ``long_freeze``: the same for 8 s, longer than the sample's bound for a hung database
@@ -96,9 +98,10 @@ FAULTS = (
     "none", "kill", "refuse", "blackhole", "lost_commit", "lost_commit_down", "freeze",
     "long_freeze",
 )  # fmt: skip
-#: lost_commit_down: seconds the database stays refused after the lost COMMIT, longer
-#: than the library's txid_status() attempts (about 2.5 s)
-DOWN_AFTER_COMMIT = 3.0
+#: lost_commit_down: seconds the database stays refused after the lost COMMIT: longer
+#: than the library's txid_status() attempts (about 2.5 s) and the page's three resends
+#: after them (a database fail-over takes longer still)
+DOWN_AFTER_COMMIT = 5.0
 #: Past the sample's client-side bound for a hung database: DBCTX_STATEMENT_TIMEOUT (5 s)
 #: + 1.5 s, after which the watchdog shuts the stuck connection down.
 LONG_FREEZE = 8.0
@@ -411,7 +414,8 @@ def inject(
                 done.count += 1
                 while proxy.state == "forwarding" and not stop.wait(0.02):
                     pass
-                _sleep(stop, DOWN_AFTER_COMMIT)
+                if proxy.state != "forwarding":  # a COMMIT was cut: down for the whole time
+                    time.sleep(DOWN_AFTER_COMMIT)
                 proxy.restore()
                 _sleep(stop, 1.0)
         elif fault in ("freeze", "long_freeze"):
@@ -535,7 +539,11 @@ def _drive(
             daemon=True,
         )
         per_client: list[list[Request]] = [[] for _ in clients]
-        seconds = args.seconds if fault != "long_freeze" else max(args.seconds, LONG_FREEZE + 2)
+        seconds = args.seconds
+        if fault in ("long_freeze", "lost_commit_down"):  # at least one whole fault
+            seconds = max(
+                seconds, 2 + (LONG_FREEZE if fault == "long_freeze" else DOWN_AFTER_COMMIT)
+            )
         end_at = time.monotonic() + seconds
         threads = [
             threading.Thread(
