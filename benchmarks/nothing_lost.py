@@ -373,7 +373,7 @@ def inject(
             while not stop.is_set():
                 rounds += 1
                 with admin.connect() as conn:
-                    killed = conn.execute(
+                    killed: int = conn.execute(
                         sa.text(
                             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                             "WHERE application_name = :name"
@@ -410,7 +410,8 @@ def inject(
                 raise BenchError("lost_commit_down needs TcpProxy.cut_next_commit(after=...)")
             done.detail = lambda: f"{proxy.commits_cut} COMMIT answers lost, then down"
             while not stop.is_set():
-                proxy.cut_next_commit(after="refuse")
+                cut_next_commit: Any = proxy.cut_next_commit  # after=: newer proxies only
+                cut_next_commit(after="refuse")
                 done.count += 1
                 while proxy.state == "forwarding" and not stop.wait(0.02):
                     pass
@@ -568,12 +569,8 @@ def _drive(
         requests = [r for rs in per_client for r in rs]
         _wait_late_acks(requests)
         with admin.connect() as conn:
-            stored = [
-                (int(order_id), Decimal(qty))
-                for order_id, qty in conn.execute(
-                    sa.text(f'SELECT id, qty FROM "{schema}".orders')
-                )
-            ]
+            rows = conn.execute(sa.text(f'SELECT id, qty FROM "{schema}".orders')).tuples()
+            stored = [(int(order_id), Decimal(qty)) for order_id, qty in rows]
         outcome = check(fault, requests, stored)
         outcome.injected = injection.detail() or "-"
         idle = wait_pool_idle(monitor, 30)
