@@ -32,8 +32,9 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from flask import Flask
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _, event, (client, around), _variant in comparisons:  # warm up
             per_event(client, event, 50, around)
-        print(f"PostgreSQL, {rounds} interleaved rounds of {n} events; Python {sys.version.split()[0]}")
+        python = sys.version.split()[0]
+        print(f"PostgreSQL, {rounds} interleaved rounds of {n} events; Python {python}")
         print(f"{'comparison':<26} {'off µs':>8} {'on µs':>8} {'ratio':>6} {'added µs':>9}")
         for label, event, (base_client, base_around), (var_client, var_around) in comparisons:
             base: list[float] = []

@@ -32,7 +32,12 @@ DRAIN_RETRY_AFTER = 1.0
 
 
 def event_factory(async_mode: str | None) -> Callable[[], Any]:
-    """The ``Event`` class of an async mode (``set()``, ``wait(timeout)``)."""
+    """The ``Event`` class of an async mode (``set()``, ``wait(timeout)``; asyncio's
+    ``wait()`` is a coroutine without a timeout)."""
+    if async_mode == "asyncio":
+        import asyncio
+
+        return asyncio.Event
     if async_mode == "eventlet":
         from eventlet.green.threading import Event as EventletEvent
 
@@ -77,6 +82,14 @@ class ProcessLimit:
 
         :returns: True when none is running any more.
         """
+        idle = self.begin_drain()
+        if idle is not None:
+            idle.wait(timeout)
+        return self.idle()
+
+    def begin_drain(self) -> Any:
+        """Refuse new and waiting events from now on; returns the event set when the
+        last running one finishes, or None when none runs."""
         with self.lock:
             self.draining = True
             refused = list(self.waiters)
@@ -84,11 +97,13 @@ class ProcessLimit:
             for waiter in refused:  # woken without being admitted: they answer busy
                 waiter.event.set()
             if not self.running:
-                return True
+                return None
             if self._idle is None:
                 self._idle = self.make_event()
-            idle = self._idle
-        idle.wait(timeout)
+            return self._idle
+
+    def idle(self) -> bool:
+        """Whether no event is running."""
         with self.lock:
             return not self.running
 
@@ -153,16 +168,40 @@ class Admission:
         if self.per_client and sid is not None:
             self._clients[sid] = self._clients.get(sid, 0) + 1
 
-    def _wait(self, sid: str | None) -> None:
+    def enter(self, sid: str | None) -> _Waiter | None:
+        """Take a slot for ``sid`` now (None), or queue for one: wait on the returned
+        waiter's event (up to :attr:`timeout`), then call :meth:`admitted`.
+
+        :raises BusyError: while draining.
+        """
         process = self.process
+        per_client = self.per_client
         with process.lock:
-            if process.draining:  # began since the fast path looked
+            if process.draining:
                 raise _draining()
+            if (
+                not process.waiters  # nobody may overtake a waiter that was here first
+                and (process.limit is None or process.running < process.limit)
+                and (not per_client or sid is None or self._clients.get(sid, 0) < per_client)
+            ):  # self.take(sid), inlined: this runs for every event
+                process.running += 1
+                if per_client and sid is not None:
+                    self._clients[sid] = self._clients.get(sid, 0) + 1
+                return None
             waiter = _Waiter(self, sid, process.make_event())
             process.queue(waiter)
             process.settle()
-        if waiter.admitted or (waiter.event.wait(self.timeout) and waiter.admitted):
+        return waiter
+
+    def admitted(self, waiter: _Waiter) -> None:
+        """After the wait on ``waiter`` ended (woken or timed out): return when it was
+        admitted, else take it out of the queue.
+
+        :raises BusyError: not admitted in time, or refused by a drain.
+        """
+        if waiter.admitted:
             return
+        process = self.process
         with process.lock:
             if waiter.admitted:  # admitted just as the wait ended
                 return
@@ -175,40 +214,32 @@ class Admission:
         what = "a slot of this client" if process.has_room() else "a database slot"
         raise BusyError(f"waited {self.timeout}s for {what}")
 
+    def leave(self, sid: str | None) -> None:
+        """Give back the slot of an event of ``sid`` that ran."""
+        process = self.process
+        with process.lock:
+            process.running -= 1
+            if self.per_client and sid is not None:
+                left = self._clients[sid] - 1
+                if left:
+                    self._clients[sid] = left
+                else:
+                    del self._clients[sid]  # per-sid state lives only while it runs
+            if process.waiters:
+                process.settle()
+            elif process.draining and not process.running and process._idle is not None:
+                process._idle.set()
+
     def run(self, sid: str | None, call: Callable[..., Any], *args: Any) -> Any:
         """Run ``call(*args)`` once admitted; raise :class:`BusyError` after the timeout."""
-        process = self.process
-        per_client = self.per_client
-        # the fast path, inlined: it runs for every event
-        with process.lock:
-            if process.draining:
-                raise _draining()
-            admitted = (
-                not process.waiters  # nobody may overtake a waiter that was here first
-                and (process.limit is None or process.running < process.limit)
-                and (not per_client or sid is None or self._clients.get(sid, 0) < per_client)
-            )
-            if admitted:  # self.take(sid), inlined
-                process.running += 1
-                if per_client and sid is not None:
-                    self._clients[sid] = self._clients.get(sid, 0) + 1
-        if not admitted:
-            self._wait(sid)
+        waiter = self.enter(sid)
+        if waiter is not None:
+            waiter.event.wait(self.timeout)
+            self.admitted(waiter)
         try:
             return call(*args)
-        finally:  # self._give_back(sid), inlined
-            with process.lock:
-                process.running -= 1
-                if per_client and sid is not None:
-                    left = self._clients[sid] - 1
-                    if left:
-                        self._clients[sid] = left
-                    else:
-                        del self._clients[sid]  # per-sid state lives only while it runs
-                if process.waiters:
-                    process.settle()
-                elif process.draining and not process.running and process._idle is not None:
-                    process._idle.set()
+        finally:
+            self.leave(sid)
 
 
 def _draining() -> BusyError:

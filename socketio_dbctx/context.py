@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Scope",
+    "ScopeState",
     "after_commit",
     "async_scope",
     "commit",
@@ -42,24 +43,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class Scope:
-    """A fresh app context and a scope in it, undone on the way out; what the running
-    scope knows: its session (made on first use), for Socket.IO events the event, and
-    the sends held until it commits.
+class ScopeState:
+    """What a running scope knows, whatever made it (a Flask scope here, an asyncio one
+    in :mod:`socketio_dbctx.aio`): for Socket.IO events the event, the sends held until
+    it commits, and its transactions as :mod:`socketio_dbctx.transactions` follows them.
 
-    ``with Scope(app, source, event=..., label=...) as scope:`` (also spelled
-    :data:`open_scope`). The session (if one was made) is rolled back when the block
-    raises, and is always closed and removed; nothing is committed here (see
-    :func:`commit`). A class rather than a generator, and one object rather than two:
-    it runs once per event.
-
-    :param fresh_context: the active app context was made for this scope alone (by
-        Flask-SocketIO for this event), so it is already fresh and need not be doubled.
     :ivar defer: emits in this scope are held until it ends successfully.
     """
 
     __slots__ = (
-        "_ctx",
         "_var_token",
         "_watch_token",
         "connections",
@@ -67,9 +59,7 @@ class Scope:
         "event",
         "held",
         "label",
-        "source",
         "timeout",
-        "token",
         "txids",
         "unsaved",
         "used",
@@ -79,18 +69,12 @@ class Scope:
 
     def __init__(
         self,
-        app: Flask,
-        source: SessionSource,
         *,
         event: Event | None = None,
         label: str | None = None,
-        fresh_context: bool = False,
         defer: bool = False,
         timeout: float | None = None,
     ) -> None:
-        self._ctx = None if fresh_context else app.app_context()
-        self.source = source
-        self.token: Any = None
         self.event = event
         self.label = label
         self.defer = defer
@@ -110,51 +94,24 @@ class Scope:
         self.connections: list[Connection] = []
         #: (engine, transaction id) of each connection that wrote, asked before COMMIT
         self.txids: list[tuple[Engine, int]] = []
+        self._watch_token: Token[Watch | None] | None = None
 
-    def __enter__(self) -> Scope:
-        ctx = self._ctx
-        if ctx is not None:
-            ctx.push()
-        try:
-            self.token = self.source.open()
-            self._var_token = _current.set(self)
-        except BaseException:
-            if ctx is not None:
-                ctx.pop()
-            raise
-        self._watch_token: Token[Watch | None] | None
+    def _activate(self) -> None:
+        """Make this the current scope (and its watch the current watch)."""
+        self._var_token = _current.set(self)
         if self.timeout is not None:
             self.watch = Watch(self.timeout)
             self._watch_token = current_watch.set(self.watch)
             WATCHDOG.register(self.watch)
         elif current_watch.get() is not None:  # an unbounded scope inside a bounded one
             self._watch_token = current_watch.set(None)
-        else:
-            self._watch_token = None
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            try:
-                if exc_type is not None:
-                    session = self.active_session()
-                    if session is not None:
-                        _rollback(session)
-            finally:
-                _current.reset(self._var_token)
-                if self._watch_token is not None:
-                    current_watch.reset(self._watch_token)
-                    if self.watch is not None:
-                        WATCHDOG.unregister(self.watch)
-                self.source.close(self.token)
-        finally:
-            if self._ctx is not None:
-                self._ctx.pop()
+    def _deactivate(self) -> None:
+        _current.reset(self._var_token)
+        if self._watch_token is not None:
+            current_watch.reset(self._watch_token)
+            if self.watch is not None:
+                WATCHDOG.unregister(self.watch)
 
     def hold(self, send: Callable[[], Any]) -> None:
         """Keep ``send`` until the scope has committed; dropped if it fails."""
@@ -182,6 +139,80 @@ class Scope:
         return self.unsaved or bool(session.new or session.dirty or session.deleted)
 
     @property
+    def session(self) -> Any:
+        """The scope's session, created on first use."""
+        raise NotImplementedError
+
+    def active_session(self) -> Any:
+        """The scope's session if anything created it, else None."""
+        raise NotImplementedError
+
+
+class Scope(ScopeState):
+    """A fresh app context and a scope in it, undone on the way out; its session is
+    made on first use.
+
+    ``with Scope(app, source, event=..., label=...) as scope:`` (also spelled
+    :data:`open_scope`). The session (if one was made) is rolled back when the block
+    raises, and is always closed and removed; nothing is committed here (see
+    :func:`commit`). A class rather than a generator, and one object rather than two:
+    it runs once per event.
+
+    :param fresh_context: the active app context was made for this scope alone (by
+        Flask-SocketIO for this event), so it is already fresh and need not be doubled.
+    """
+
+    __slots__ = ("_ctx", "source", "token")
+
+    def __init__(
+        self,
+        app: Flask,
+        source: SessionSource,
+        *,
+        event: Event | None = None,
+        label: str | None = None,
+        fresh_context: bool = False,
+        defer: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(event=event, label=label, defer=defer, timeout=timeout)
+        self._ctx = None if fresh_context else app.app_context()
+        self.source = source
+        self.token: Any = None
+
+    def __enter__(self) -> Scope:
+        ctx = self._ctx
+        if ctx is not None:
+            ctx.push()
+        try:
+            self.token = self.source.open()
+        except BaseException:
+            if ctx is not None:
+                ctx.pop()
+            raise
+        self._activate()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            try:
+                if exc_type is not None:
+                    session = self.active_session()
+                    if session is not None:
+                        _rollback(session)
+            finally:
+                self._deactivate()
+                self.source.close(self.token)
+        finally:
+            if self._ctx is not None:
+                self._ctx.pop()
+
+    @property
     def session(self) -> Session:
         """The scope's session, created on first use."""
         return self.source.get(self.token)
@@ -191,10 +222,10 @@ class Scope:
         return self.source.active(self.token)
 
 
-_current: ContextVar[Scope | None] = ContextVar("socketio_dbctx_scope", default=None)
+_current: ContextVar[ScopeState | None] = ContextVar("socketio_dbctx_scope", default=None)
 
 
-def current_scope() -> Scope | None:
+def current_scope() -> ScopeState | None:
     """The innermost scope running in this thread, greenlet or task, if any."""
     return _current.get()
 
@@ -210,7 +241,7 @@ def require_session() -> Session:
             "no socketio_dbctx scope is active: use self.db_session inside an event handler "
             "of a DBContextNamespace, or open one with dbctx.session_scope()"
         )
-    return scope.session
+    return scope.session  # type: ignore[no-any-return]
 
 
 def _rollback(session: Session) -> None:

@@ -17,6 +17,7 @@ worker, so the room is kept and resolved by every worker when the emit goes out.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -49,13 +50,13 @@ def _members(server: Any, namespace: str, room: Any, skip_sid: Any) -> list[str]
 
 
 def install(server: Any) -> None:
-    """Hold the emits of ``server`` (a python-socketio ``Server``) made inside scopes
-    that defer them; once per server."""
+    """Hold the emits of ``server`` (a python-socketio ``Server`` or ``AsyncServer``)
+    made inside scopes that defer them; once per server."""
     if server is None or getattr(server, _ATTR, False):
         return
     emit, call = server.emit, server.call
 
-    def held_emit(
+    def prepare(
         event: str,
         data: Any = None,
         to: Any = None,
@@ -65,7 +66,9 @@ def install(server: Any) -> None:
         callback: Any = None,
         ignore_queue: bool = False,
         **kwargs: Any,
-    ) -> Any:
+    ) -> tuple[Any, Any]:
+        """``(scope to hold the send in, or None, the send)``; the send is None when
+        nobody is addressed any more."""
         scope = current_scope()
         held = scope is not None and scope.defer and not _IMMEDIATE.get()
         namespace = namespace or "/"
@@ -73,7 +76,7 @@ def install(server: Any) -> None:
             # capture who is addressed now; nobody left means nothing to send
             sids = _members(server, namespace, to or room, skip_sid)
             if not sids:
-                return None
+                return scope, None
             to, room, skip_sid = sids, None, None
         send = functools.partial(
             emit,
@@ -87,16 +90,37 @@ def install(server: Any) -> None:
             ignore_queue=ignore_queue,
             **kwargs,
         )
-        if not held:
-            return send()
-        scope.hold(send)  # type: ignore[union-attr]
-        return None
+        return (scope if held else None), send
 
-    def immediate_call(*args: Any, **kwargs: Any) -> Any:
-        # call() waits for the client's answer: holding its emit would wait for ever
-        with immediate_emits():
-            return call(*args, **kwargs)
+    if inspect.iscoroutinefunction(emit):
 
-    server.emit = held_emit
-    server.call = immediate_call
+        async def held_emit_async(*args: Any, **kwargs: Any) -> Any:
+            scope, send = prepare(*args, **kwargs)
+            if scope is None:
+                return await send()
+            if send is not None:
+                scope.hold(send)  # released (and awaited) after the commit
+            return None
+
+        async def immediate_call_async(*args: Any, **kwargs: Any) -> Any:
+            with immediate_emits():
+                return await call(*args, **kwargs)
+
+        server.emit, server.call = held_emit_async, immediate_call_async
+    else:
+
+        def held_emit(*args: Any, **kwargs: Any) -> Any:
+            scope, send = prepare(*args, **kwargs)
+            if scope is None:
+                return send()
+            if send is not None:
+                scope.hold(send)
+            return None
+
+        def immediate_call(*args: Any, **kwargs: Any) -> Any:
+            # call() waits for the client's answer: holding its emit would wait for ever
+            with immediate_emits():
+                return call(*args, **kwargs)
+
+        server.emit, server.call = held_emit, immediate_call
     setattr(server, _ATTR, True)

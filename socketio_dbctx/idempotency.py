@@ -22,6 +22,7 @@ from typing import Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from .errors import BusyError, InvalidRequestError
 
@@ -143,10 +144,10 @@ class KeyStore:
         :raises BusyError: when the key stays contended.
         """
         pk = {"namespace": namespace, "event": event, "key": key}
-        where = sa.and_(*(_TABLE.c[name] == value for name, value in pk.items()))
+        where = _where(namespace, event, key)
         connection = session.connection()
         dialect = connection.dialect.name
-        self._purge_soon(connection.engine)
+        self._purge_soon(session, connection.engine)
         for _ in range(3):
             now = time.time()
             insert = _insert_skipping(dialect)
@@ -177,8 +178,21 @@ class KeyStore:
                 return Stored(json.loads(row.ack))
         raise BusyError("the idempotency key is in use by another request", retry_after=0.5)
 
-    def store(self, session: Session, namespace: str, event: str, key: str, ack: Any) -> None:
-        """Store the ack of the run that claimed ``key``, in its transaction."""
+    def store(
+        self,
+        session: Session,
+        namespace: str,
+        event: str,
+        key: str,
+        ack: Any,
+        *,
+        separately: bool = False,
+    ) -> None:
+        """Store the ack of the run that claimed ``key``, in its transaction.
+
+        :param separately: the claim was already committed (by a handler that commits
+            itself): store the ack in a transaction of its own.
+        """
         try:
             text = json.dumps(ack, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
@@ -186,12 +200,23 @@ class KeyStore:
                 f"the ack of a handler with an idempotency key must be JSON-serialisable "
                 f"({namespace} {event}): {exc}"
             ) from exc
-        where = sa.and_(
-            _TABLE.c.namespace == namespace, _TABLE.c.event == event, _TABLE.c.key == key
-        )
-        session.execute(_TABLE.update().where(where).values(ack=text))
+        update = _TABLE.update().where(_where(namespace, event, key)).values(ack=text)
+        if separately:
+            with _engine(session).begin() as connection:
+                connection.execute(update)
+        else:
+            session.execute(update)
 
-    def _purge_soon(self, engine: Engine) -> None:
+    def release(self, session: Session, namespace: str, event: str, key: str) -> None:
+        """Forget a claim that a failed run had already committed (in a transaction of
+        its own), so the key can run again."""
+        try:
+            with _engine(session).begin() as connection:
+                connection.execute(_TABLE.delete().where(_where(namespace, event, key)))
+        except Exception:  # the event's own failure is what matters; the key expires
+            logger.warning("could not release idempotency key %r of %s", key, event, exc_info=True)
+
+    def _purge_soon(self, session: Session, engine: Engine) -> None:
         now = time.monotonic()
         if now < self._next_purge:
             return
@@ -199,7 +224,21 @@ class KeyStore:
             if now < self._next_purge:
                 return
             self._next_purge = now + min(self.ttl, PURGE_INTERVAL)
-        self._spawn(lambda: purge(engine))
+        if isinstance(engine.pool, (StaticPool, SingletonThreadPool)):
+            # one connection for everybody (in-memory SQLite): a purge from another
+            # thread would run inside this event's transaction; purge in it instead
+            session.execute(_TABLE.delete().where(_TABLE.c.expires_at <= time.time()))
+        else:
+            self._spawn(lambda: purge(engine))
+
+
+def _engine(session: Session) -> Engine:
+    bind = session.get_bind()
+    return bind if isinstance(bind, Engine) else bind.engine
+
+
+def _where(namespace: str, event: str, key: str) -> Any:
+    return sa.and_(_TABLE.c.namespace == namespace, _TABLE.c.event == event, _TABLE.c.key == key)
 
 
 def purge(engine: Engine) -> int:

@@ -19,11 +19,19 @@ from typing import TYPE_CHECKING, Any, Callable
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy import exc as sa_exc
 
+from . import keyed
 from .acks import error_code, error_payload, log_failure
-from .context import Scope, after_commit, commit, open_scope, release, require_session
+from .context import (
+    Scope,
+    ScopeState,
+    after_commit,
+    commit,
+    open_scope,
+    release,
+    require_session,
+)
 from .errors import BusyError, ContextSetupError, OutcomeUnknownError, StatementTimeoutError
-from .idempotency import read_key
-from .outcomes import resolve
+from .outcomes import Outcome, resolve
 from .retry import rerun_is_safe, retry_after
 from .transient import is_connection_error
 
@@ -35,8 +43,10 @@ if TYPE_CHECKING:
 __all__ = [
     "admission",
     "errors",
+    "failed_attempt",
     "idempotency",
     "metrics",
+    "resolved",
     "retry",
     "statement_timeout_of",
     "transaction",
@@ -224,74 +234,105 @@ def statement_timeout_of(event: Event) -> float | None:
 
 
 def _settle(event: Event, scope: Scope, exc: Exception, result: Any) -> Any:
-    """An attempt failed: re-raise what the pipeline should see of it.
+    """An attempt failed: re-raise what the pipeline should see of it (see
+    :func:`failed_attempt`), or, for a lost COMMIT that resolved as committed, release
+    the held sends and return the handler's result."""
+    error = failed_attempt(event, scope, exc)
+    if error is not None:
+        raise error
+    outcome = resolve(scope.txids, event.sleep) if scope.txids else None
+    error = resolved(event, scope, exc, outcome, finished=result is not _NOTHING)
+    if error is not None:
+        raise error
+    release(scope.held, event.state.metrics.after_commit_failed)
+    return result
 
-    A statement the watchdog cut is a statement timeout. A COMMIT that lost its answer
-    is resolved when the database can tell (:func:`~socketio_dbctx.outcomes.resolve`):
-    committed, the event succeeded (its ack, and its held sends, once); aborted, it is
-    retried like any transient failure. Unresolved, a handler that may run again
-    (``@idempotent``, or with an idempotency key) is retried; any other event is
-    answered ``outcome_unknown``.
+
+def failed_attempt(event: Event, scope: ScopeState, exc: Exception) -> Exception | None:
+    """What to raise for a failed attempt; None for a COMMIT that lost its answer,
+    which :func:`resolved` decides once the database was asked.
+
+    A statement the watchdog cut is a statement timeout. A failure the server answered
+    (at COMMIT too) is what it is.
     """
     watch = scope.watch
     cut = watch is not None and watch.cut
     if event.phase != "commit" or event.committed:
         if cut:
-            raise StatementTimeoutError(
+            error = StatementTimeoutError(
                 f"no answer from the database within {scope.timeout}s; the connection "
                 "was discarded"
-            ) from exc
-        raise exc
+            )
+            error.__cause__ = exc
+            return error
+        return exc
     if not (cut or is_connection_error(exc)):
-        raise exc  # the server answered the COMMIT: it failed, nothing is uncertain
-    outcome = resolve(scope.txids, event.sleep) if scope.txids else None
+        return exc  # the server answered the COMMIT: it failed, nothing is uncertain
+    return None
+
+
+def resolved(
+    event: Event, scope: ScopeState, exc: Exception, outcome: Outcome, *, finished: bool
+) -> Exception | None:
+    """Decide a lost COMMIT: None when it committed (the event succeeded: send its held
+    sends, ack its result), else what to raise.
+
+    Committed, but the handler itself was committing (``finished`` False): what it would
+    have done next is unknown. Aborted: retried like any transient failure. Unresolved:
+    a handler that may run again (``@idempotent``, or with an idempotency key) is
+    retried; any other event is answered ``outcome_unknown``.
+
+    :param outcome: what the database said (:func:`~socketio_dbctx.outcomes.resolve`).
+    :param finished: the handler had returned (the COMMIT was the pipeline's).
+    """
     logger.warning(
         "%s for sid %s: the connection was lost during COMMIT; outcome: %s",
         event.key,
         event.sid,
         outcome or "unknown",
     )
-    if outcome == "committed" and result is not _NOTHING:
+    if outcome == "committed" and finished:
         event.committed = True
-        release(scope.held, event.state.metrics.after_commit_failed)
-        return result
+        return None
     if outcome == "aborted":
         event.phase = "handler"  # nothing was applied: as safe to retry as a failed INSERT
-        raise exc
+        return exc
     if rerun_is_safe(event):
         event.unsettled = scope.held
-        raise exc
-    raise OutcomeUnknownError(
+        return exc
+    error = OutcomeUnknownError(
         "the connection was lost while COMMIT was on its way and the outcome could not "
         "be found out; check before trying again, or give the handler an idempotency key"
-    ) from exc
+    )
+    error.__cause__ = exc
+    return error
 
 
 def idempotency(default_key: KeyFunc | None) -> Wrap:
     """Answer a repeat of an idempotency key with the stored ack; store the ack of the
-    run that claims it, in its own transaction (inside ``transaction``).
+    run that claims it, in its own transaction (inside ``transaction``; the rules are
+    :mod:`socketio_dbctx.keyed`).
 
     :param default_key: the namespace's key function, for handlers without their own.
     """
 
     def wrap(rest: Step) -> Step:
         def step(event: Event) -> Any:
-            key_func = event.options.get("idempotency_key", default_key)
-            if key_func is None:
+            if keyed.key_of(event, default_key) is None:
                 return rest(event)
-            key = event.idempotency_key = read_key(key_func, event.args)
-            if key is None:
-                return rest(event)
-            store = event.state.keys
             session = require_session()
-            stored = store.claim(session, event.namespace, event.name, key)
+            stored = keyed.claim(event, session)
             if stored is not None:
                 unsettled, event.unsettled = event.unsettled, None
                 if unsettled:  # this event's own earlier attempt did commit
                     after_commit(release, unsettled, event.state.metrics.after_commit_failed)
                 return stored.ack
-            result = rest(event)
-            store.store(session, event.namespace, event.name, key, result)
+            try:
+                result = rest(event)
+            except BaseException:
+                keyed.failed(event, session)
+                raise
+            keyed.succeeded(event, session, result)
             return result
 
         return step

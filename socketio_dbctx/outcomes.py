@@ -39,27 +39,30 @@ def transaction_id(connection: Connection) -> int | None:
 
 
 def _status(engine: Engine, txid: int, seconds: float) -> str | None:
-    # A raw connection watched like a statement: a pooled connection to a server that
-    # stopped answering must not hold the resolution past its budget.
-    watch = Watch(max(seconds, 0.1), grace=0)
-    raw = engine.raw_connection()
+    # A new connection of its own, made the engine's way (its connect arguments and
+    # connect listeners) in a pool of its own: the engine's may be full, or hold
+    # connections to a server that stopped answering. Its query is watched like a
+    # statement; its connect is bounded by the engine's connect_timeout.
+    pool = engine.pool.recreate()
     try:
-        WATCHDOG.register(watch)
-        cursor = raw.cursor()
+        raw = pool.connect()
+        watch = Watch(max(seconds, 0.1), grace=0)
         try:
-            watch.start(raw.dbapi_connection)
-            cursor.execute(f"SELECT txid_status({int(txid)})")
-            row = cursor.fetchone()
+            WATCHDOG.register(watch)
+            cursor = raw.cursor()
+            try:
+                watch.start(raw.dbapi_connection)
+                cursor.execute(f"SELECT txid_status({int(txid)})")
+                row = cursor.fetchone()
+            finally:
+                watch.stop()
+                cursor.close()
         finally:
-            watch.stop()
-            cursor.close()
-        raw.commit()
-    except BaseException:
-        raw.invalidate()
-        raise
+            WATCHDOG.unregister(watch)
+            raw.invalidate()  # never kept: the pool is thrown away
+            raw.close()
     finally:
-        WATCHDOG.unregister(watch)
-        raw.close()
+        pool.dispose()
     return row[0] if row else None
 
 
@@ -73,7 +76,8 @@ def resolve(
     :param txids: ``(engine, transaction id)`` of each connection that wrote.
     :param sleep: the async mode's sleep, between attempts.
     :param budget: seconds to keep asking while the server is unreachable or the
-        transaction still in progress.
+        transaction still in progress; an attempt is not begun when the last one took
+        longer than what is left.
     :returns: ``"committed"`` when every one committed, ``"aborted"`` when every one
         was rolled back, else None (unknown).
     """
@@ -81,20 +85,25 @@ def resolve(
         return None
     deadline = time.monotonic() + budget
     found: dict[int, str] = {}
+    longest = 0.0
     while True:
         for index, (engine, txid) in enumerate(txids):
-            if index in found:
+            left = deadline - time.monotonic()
+            if index in found or left < longest:
                 continue
+            start = time.monotonic()
             try:
-                status = _status(engine, txid, deadline - time.monotonic())
+                status = _status(engine, txid, left)
             except Exception as exc:
                 logger.info("could not ask about transaction %s yet: %s", txid, exc)
                 continue
+            finally:
+                longest = max(longest, time.monotonic() - start)
             if status in ("committed", "aborted"):
                 found[index] = status
         if len(found) == len(txids):
             outcomes = set(found.values())
             return outcomes.pop() if len(outcomes) == 1 else None  # type: ignore[return-value]
-        if time.monotonic() + _PAUSE >= deadline:
+        if time.monotonic() + _PAUSE + longest >= deadline:
             return None
         sleep(_PAUSE)

@@ -9,9 +9,10 @@ nothing; a failure is then replayed into tenacity as its first attempt.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Callable
 
-from tenacity import RetryCallState, RetryError, Retrying, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, RetryError, Retrying, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
 from .errors import RetryExhaustedError
@@ -20,7 +21,14 @@ from .transient import is_rolled_back, is_transient
 if TYPE_CHECKING:
     from .pipeline import Event, Step
 
-__all__ = ["backoff", "max_retries_of", "rerun_is_safe", "retry_after", "should_retry"]
+__all__ = [
+    "backoff",
+    "max_retries_of",
+    "rerun_is_safe",
+    "retry_after",
+    "retry_after_async",
+    "should_retry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +77,7 @@ def _before_sleep(state: RetryCallState) -> None:
         event.key,
         event.sid,
         state.attempt_number + 1,
-        state.args[2],
+        max_retries_of(event) + 1,
         state.upcoming_sleep,
         type(exc).__name__,
         exc,
@@ -92,6 +100,33 @@ def max_retries_of(event: Event) -> int:
     return int(options.get("max_retries", event.settings.max_retries))
 
 
+def _retrying_options(event: Event, first: Exception) -> dict[str, Any] | None:
+    """tenacity's options for the retries of ``event`` after ``first``, or None when
+    ``first`` may not be retried."""
+    max_retries = max_retries_of(event)
+    if max_retries == 0 or not should_retry(
+        first, phase=event.phase, idempotent=rerun_is_safe(event), committed=event.committed
+    ):
+        return None
+    settings = event.settings
+    return {
+        "stop": stop_after_attempt(max_retries + 1),
+        "wait": backoff(
+            event.options.get("retry_delay", settings.retry_delay), settings.retry_max_delay
+        ),
+        "retry": _retry_predicate,
+        "before_sleep": _before_sleep,
+    }
+
+
+def _exhausted(event: Event, exhausted: RetryError) -> RetryExhaustedError:
+    last = exhausted.last_attempt.exception()
+    assert last is not None
+    error = RetryExhaustedError(event.attempt, last)
+    error.__cause__ = last
+    return error
+
+
 def retry_after(event: Event, rest: Step, first: Exception) -> Any:
     """``rest(event)`` failed with ``first``: when :func:`should_retry` allows it, run
     it again with backoff, up to :func:`max_retries_of` more times; else re-raise.
@@ -100,32 +135,40 @@ def retry_after(event: Event, rest: Step, first: Exception) -> Any:
 
     :raises RetryExhaustedError: when every attempt failed transiently.
     """
-    options = event.options
-    max_retries = max_retries_of(event)
-    if max_retries == 0 or not should_retry(
-        first, phase=event.phase, idempotent=rerun_is_safe(event), committed=event.committed
-    ):
+    options = _retrying_options(event, first)
+    if options is None:
         raise first
-    retrying = Retrying(
-        stop=stop_after_attempt(max_retries + 1),
-        wait=backoff(
-            options.get("retry_delay", event.settings.retry_delay), event.settings.retry_max_delay
-        ),
-        retry=_retry_predicate,
-        before_sleep=_before_sleep,
-        sleep=event.sleep,
-    )
     replay: list[BaseException] = [first]
 
-    def attempt(event: Event, rest: Step, attempts: int) -> Any:
+    def attempt(event: Event, rest: Step) -> Any:
         if replay:  # the first attempt already ran: give tenacity its outcome
             raise replay.pop()
         event.attempt += 1
         return rest(event)
 
     try:
-        return retrying(attempt, event, rest, max_retries + 1)
+        return Retrying(sleep=event.sleep, **options)(attempt, event, rest)
     except RetryError as exhausted:
-        last = exhausted.last_attempt.exception()
-        assert last is not None
-    raise RetryExhaustedError(event.attempt, last) from last
+        raise _exhausted(event, exhausted) from exhausted.last_attempt.exception()
+
+
+async def retry_after_async(
+    event: Event, rest: Callable[[Event], Awaitable[Any]], first: Exception
+) -> Any:
+    """:func:`retry_after` for an asyncio chain (tenacity's ``AsyncRetrying``, sleeping
+    with ``asyncio.sleep``)."""
+    options = _retrying_options(event, first)
+    if options is None:
+        raise first
+    replay: list[BaseException] = [first]
+
+    async def attempt(event: Event, rest: Callable[[Event], Awaitable[Any]]) -> Any:
+        if replay:
+            raise replay.pop()
+        event.attempt += 1
+        return await rest(event)
+
+    try:
+        return await AsyncRetrying(**options)(attempt, event, rest)
+    except RetryError as exhausted:
+        raise _exhausted(event, exhausted) from exhausted.last_attempt.exception()

@@ -16,10 +16,16 @@ can see the protocol) and then, from the outside, at any moment:
 * :meth:`TcpProxy.cut_next_commit` forwards the next ``COMMIT`` to the server, waits
   for the server's reply, drops it and closes that client connection: the COMMIT
   happened, and the application only knows that its connection broke during it.
+  With ``after="refuse"`` the proxy then also does a :meth:`TcpProxy.cut` (before
+  that client connection is closed): the database looks down right after the COMMIT,
+  so nobody can ask it what became of that COMMIT until :meth:`TcpProxy.restore`.
+  It knows PostgreSQL's ``COMMIT`` (:data:`COMMIT_MESSAGE`) and MySQL/MariaDB's as
+  PyMySQL sends it (:data:`MYSQL_COMMIT_PACKET`).
 
 Plain threads and blocking sockets (two pump threads per connection), so it runs in
 any process that is not monkey-patched, and a call returns only once the change is
-in effect.
+in effect. The protocols are not parsed: a COMMIT is recognised by its exact bytes in
+one chunk the client sent (a client sends each query in one write).
 """
 
 from __future__ import annotations
@@ -28,12 +34,22 @@ import contextlib
 import select
 import socket
 import threading
+from collections import deque
 from typing import Any
 
-__all__ = ["COMMIT_MESSAGE", "TcpProxy"]
+__all__ = ["COMMIT_AFTER", "COMMIT_MESSAGE", "COMMIT_MESSAGES", "MYSQL_COMMIT_PACKET", "TcpProxy"]
 
 #: A PostgreSQL simple-query message ``COMMIT`` (type ``Q``, int32 length 11).
 COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+#: A MySQL/MariaDB ``COM_QUERY`` packet ``COMMIT`` as PyMySQL's ``Connection.commit()``
+#: sends it: ``struct.pack("<iB", 7, COM_QUERY)`` (payload length 7 in 3 bytes,
+#: sequence id 0, command 0x03), then the text.
+MYSQL_COMMIT_PACKET = b"\x07\x00\x00\x00\x03COMMIT"
+#: Every COMMIT :meth:`TcpProxy.cut_next_commit` recognises.
+COMMIT_MESSAGES = (COMMIT_MESSAGE, MYSQL_COMMIT_PACKET)
+#: What :meth:`TcpProxy.cut_next_commit` may do once it dropped a COMMIT's reply:
+#: close only that connection, or also refuse every connection (as :meth:`TcpProxy.cut`).
+COMMIT_AFTER = ("close", "refuse")
 
 _CHUNK = 65536
 _STATES = ("forwarding", "refusing", "blackhole", "partition")
@@ -47,7 +63,8 @@ class _Pair:
     def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
         self.client = client
         self.upstream = upstream
-        self.drop_reply = False
+        #: set when this connection's COMMIT reply is to be dropped: what to do after
+        self.drop_reply: str | None = None
         self._lock = threading.Lock()
         self._users = 0
         self._shut = False
@@ -112,7 +129,8 @@ class TcpProxy:
         self._wake_w: socket.socket | None = None
         self._pairs: set[_Pair] = set()
         self._threads: set[threading.Thread] = set()
-        self._commit_cuts_armed = 0
+        # one entry per armed COMMIT cut: what to do after it (see COMMIT_AFTER)
+        self._commit_cuts: deque[str] = deque()
         #: connections accepted since start
         self.accepted = 0
         #: COMMIT replies dropped by :meth:`cut_next_commit`
@@ -189,17 +207,23 @@ class TcpProxy:
         if self._listener is None:
             self._listen()
 
-    def cut_next_commit(self, count: int = 1) -> None:
+    def cut_next_commit(self, count: int = 1, after: str = "close") -> None:
         """Arm: the next ``count`` COMMITs reach the server, but their replies are
         dropped and those client connections closed.
 
-        :raises ValueError: for a count below 1.
+        :param count: how many COMMITs to cut (each is armed with the same ``after``).
+        :param after: ``"close"``: only the COMMIT's connection is closed; ``"refuse"``:
+            once the reply is dropped, the proxy is :meth:`cut` (every connection
+            closed, new ones refused) before the COMMIT's own connection is closed.
+        :raises ValueError: for a count below 1 or an unknown ``after``.
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an int >= 1, got {count!r}")
+        if after not in COMMIT_AFTER:
+            raise ValueError(f"after must be one of {COMMIT_AFTER}, got {after!r}")
         self._require_started("cut_next_commit")
         with self._lock:
-            self._commit_cuts_armed += count
+            self._commit_cuts.extend([after] * count)
 
     def stop(self) -> None:
         """Close everything; the proxy cannot be started again."""
@@ -349,15 +373,17 @@ class TcpProxy:
                 if self._state == "partition":
                     continue  # lost in the network; the connection stays open
                 if to_server:
-                    if COMMIT_MESSAGE in data:
+                    if any(message in data for message in COMMIT_MESSAGES):
                         with self._lock:
-                            if self._commit_cuts_armed:
-                                self._commit_cuts_armed -= 1
-                                pair.drop_reply = True
-                elif pair.drop_reply:
+                            if self._commit_cuts:
+                                pair.drop_reply = self._commit_cuts.popleft()
+                elif pair.drop_reply is not None:
                     # The server answered the COMMIT: it is done. The client never knows.
                     with self._lock:
                         self.commits_cut += 1
+                    if pair.drop_reply == "refuse":
+                        with contextlib.suppress(RuntimeError):  # stopped meanwhile
+                            self.cut()  # down before the client can notice and ask again
                     return
                 sink.sendall(data)
         except OSError:

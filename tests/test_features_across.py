@@ -544,12 +544,6 @@ def test_the_key_function_gets_the_payload_as_the_handler_does(
     assert stored_names(url) == ["a", "hello-5"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a catch-all handler's keys are stored under event '*' "
-    "(middleware.idempotency passes event.name, the registered '*', to KeyStore.claim), "
-    "so another event with the same key gets the first event's ack and never runs",
-)
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_catch_all_handler_keys_each_event_under_its_own_name(
     app, db, socketio, dbctx_factory, Item, url, keyed
@@ -875,12 +869,6 @@ def test_every_bind_of_the_event_is_bounded(database_url, mariadb_url, Item):
                 engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: with DBCTX_COMMIT_ON_SUCCESS=False the handler's own commit "
-    "commits the key's claim (ack NULL) and the ack is stored after it, never committed: "
-    "every repeat of the key is answered busy until the TTL",
-)
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_keyed_handler_that_commits_itself_answers_its_repeats(
     app, db, socketio, dbctx_factory, Item, url, keyed
@@ -907,12 +895,6 @@ def test_a_keyed_handler_that_commits_itself_answers_its_repeats(
     assert stored_keys(url) == [(NS, "add", "k", "a")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a keyed handler that commits itself and then raises leaves its "
-    "key claimed (ack NULL, committed by the handler's commit): the key is never released "
-    "and every later request with it is answered busy until the TTL",
-)
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_keyed_handler_that_commits_then_fails_releases_its_key(
     app, db, socketio, dbctx_factory, Item, url, keyed

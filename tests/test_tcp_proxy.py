@@ -1,6 +1,6 @@
 """``tests/tcp_proxy.py`` in front of a tiny echo server: no database, no Socket.IO.
 
-Its PostgreSQL-specific parts (``cut``, ``blackhole``, ``cut_next_commit`` against a
+Its database-specific parts (``cut``, ``blackhole``, ``cut_next_commit`` against a
 real server, argument checks) are tested in ``tests/test_faults.py``.
 """
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 from conftest import wait_for
-from tcp_proxy import TcpProxy
+from tcp_proxy import COMMIT_MESSAGE, MYSQL_COMMIT_PACKET, TcpProxy
 
 #: How long a read through a partition waits before "nothing came" counts.
 QUIET = 0.5
@@ -166,3 +166,80 @@ def test_partition_after_a_cut_listens_again(
 def test_partition_needs_start() -> None:
     with pytest.raises(RuntimeError, match="not running"):
         TcpProxy("127.0.0.1", 5432).partition()
+
+
+# -- cut_next_commit: which COMMITs, and what comes after ------------------------------
+
+
+@pytest.mark.parametrize(
+    "commit",
+    [COMMIT_MESSAGE, MYSQL_COMMIT_PACKET],
+    ids=["postgresql", "mysql"],
+)
+@pytest.mark.parametrize("after", ["close", "refuse"])
+def test_cut_next_commit_drops_the_reply_then_closes_or_refuses(
+    proxy: TcpProxy,
+    echo: EchoServer,
+    connect: Callable[[], socket.socket],
+    commit: bytes,
+    after: str,
+) -> None:
+    """The COMMIT reaches the server (the echo server records it), its reply (the
+    echo) never comes back, that connection is closed; ``after="refuse"`` also closes
+    the other connections and refuses new ones until ``restore()``."""
+    bystander = connect()
+    assert roundtrip(bystander, b"warm") == b"warm"
+    sock = connect()
+    assert roundtrip(sock, b"BEGIN") == b"BEGIN"  # not a COMMIT: forwarded both ways
+
+    proxy.cut_next_commit(after=after)
+    sock.sendall(commit)
+
+    wait_for(lambda: closed_by_peer(sock), 5, "the COMMIT's connection to close")
+    assert proxy.commits_cut == 1
+    assert echo.seen().endswith(commit), "the COMMIT did not reach the server"
+    if after == "close":
+        assert proxy.state == "forwarding"
+        assert roundtrip(bystander, b"still") == b"still"
+        assert roundtrip(connect(), commit) == commit  # armed once: answered now
+    else:
+        assert proxy.state == "refusing"
+        wait_for(lambda: closed_by_peer(bystander), 5, "the other connection to close")
+        with pytest.raises(ConnectionRefusedError):
+            connect()
+        proxy.restore()
+        assert roundtrip(connect(), commit) == commit
+    assert proxy.commits_cut == 1
+
+
+def test_cut_next_commit_counts_each_armed_cut_with_its_own_after(
+    proxy: TcpProxy, connect: Callable[[], socket.socket]
+) -> None:
+    proxy.cut_next_commit(count=1, after="close")
+    proxy.cut_next_commit(count=1, after="refuse")
+
+    first = connect()
+    first.sendall(MYSQL_COMMIT_PACKET)
+    wait_for(lambda: closed_by_peer(first), 5, "the first COMMIT's connection to close")
+    assert proxy.state == "forwarding" and proxy.commits_cut == 1
+    second = connect()
+    second.sendall(COMMIT_MESSAGE)
+    wait_for(lambda: closed_by_peer(second), 5, "the second COMMIT's connection to close")
+    assert proxy.state == "refusing" and proxy.commits_cut == 2
+
+
+@pytest.mark.parametrize("after", ["", "cut", None, 1, "REFUSE"])
+def test_cut_next_commit_rejects_an_unknown_after(proxy: TcpProxy, after: object) -> None:
+    with pytest.raises(ValueError, match="after must be one of"):
+        proxy.cut_next_commit(after=after)  # type: ignore[arg-type]
+    assert proxy.commits_cut == 0
+
+
+def test_the_mysql_commit_packet_is_what_pymysql_sends() -> None:
+    """PyMySQL's ``Connection.commit()`` is ``_execute_command(COM_QUERY, "COMMIT")``,
+    whose first packet is ``struct.pack("<iB", len + 1, command) + sql``."""
+    import struct
+
+    from pymysql.constants import COMMAND
+
+    assert struct.pack("<iB", 7, COMMAND.COM_QUERY) + b"COMMIT" == MYSQL_COMMIT_PACKET
