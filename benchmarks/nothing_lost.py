@@ -569,8 +569,8 @@ def _drive(
         requests = [r for rs in per_client for r in rs]
         _wait_late_acks(requests)
         with admin.connect() as conn:
-            rows = conn.execute(sa.text(f'SELECT id, qty FROM "{schema}".orders')).tuples()
-            stored = [(int(order_id), Decimal(qty)) for order_id, qty in rows]
+            rows = conn.execute(sa.text(f'SELECT id, qty FROM "{schema}".orders'))
+            stored = [(int(row[0]), Decimal(row[1])) for row in rows]
         outcome = check(fault, requests, stored)
         outcome.injected = injection.detail() or "-"
         idle = wait_pool_idle(monitor, 30)
