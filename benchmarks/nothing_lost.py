@@ -32,7 +32,8 @@ Each order carries a fresh ``client_order_id`` (the sample's idempotency key) an
 quantity no other order of the run has, so every stored row is matched to its request.
 A client resends an order as the sample page does: after no answer within 10 s, ``busy``,
 ``timeout`` or ``outcome_unknown``, with the same ``client_order_id``, at most 3 times,
-after ``retry_after_ms`` (or 500 ms). Afterwards every request's final answer is checked
+after ``retry_after_ms`` (or 500 ms, doubling); once a send's fate was unknown (no answer,
+``outcome_unknown``) it also resends on ``db_unavailable``, for up to 30 s. Afterwards every request's final answer is checked
 against the ``orders`` table (read directly, not through the proxy), and the app's pool
 must be back to 0 connections checked out.
 
@@ -113,6 +114,10 @@ ACK_TIMEOUT = 10.0
 RESENDS = 3
 RESEND_CODES = frozenset({"no_answer", "busy", "timeout", "outcome_unknown"})
 RESEND_WAIT = 0.5
+#: Once a send's fate is unknown (no answer, outcome_unknown), the page keeps resending
+#: the same id, ``db_unavailable`` included, with backoff, for this long.
+UNCERTAIN_FOR = 30.0
+UNCERTAIN_CODES = frozenset({"no_answer", "outcome_unknown"})
 #: After the last send, how long a late ack may still come.
 GRACE = 20.0
 
@@ -297,6 +302,7 @@ def new_request(rng: random.Random, numbers: Quantities) -> Request:
 
 def place(client: socketio.Client, request: Request) -> None:
     """Send ``request`` and resend it like the sample page, until a final answer."""
+    uncertain_since: float | None = None
     while True:
         attempt = Attempt(time.monotonic())
         request.attempts.append(attempt)
@@ -306,9 +312,17 @@ def place(client: socketio.Client, request: Request) -> None:
         attempt.answered.wait(ACK_TIMEOUT)
         ack = attempt.ack if attempt.answered.is_set() else None
         kind = attempt.seen = code(ack)
-        if kind not in RESEND_CODES or len(request.attempts) > RESENDS:
+        if uncertain_since is None and kind in UNCERTAIN_CODES:
+            uncertain_since = time.monotonic()
+        again = kind in RESEND_CODES and len(request.attempts) <= RESENDS
+        still_unknown = (
+            uncertain_since is not None
+            and (kind in RESEND_CODES or kind == "db_unavailable")
+            and time.monotonic() - uncertain_since < UNCERTAIN_FOR
+        )
+        if not (again or still_unknown):
             return
-        wait = RESEND_WAIT
+        wait = min(RESEND_WAIT * 2 ** (len(request.attempts) - 1), 4.0)
         if isinstance(ack, dict) and isinstance(ack.get("retry_after_ms"), (int, float)):
             wait = max(0.0, float(ack["retry_after_ms"]) / 1000)
         time.sleep(wait)
@@ -561,7 +575,7 @@ def _drive(
         stop.set()
         injector.join(30)
         # each client finishes the order in hand: at most 4 sends and 3 waits
-        limit = (RESENDS + 1) * ACK_TIMEOUT + RESENDS * 5 + 10
+        limit = (RESENDS + 1) * ACK_TIMEOUT + RESENDS * 5 + 10 + UNCERTAIN_FOR
         for thread in threads:
             thread.join(max(0.0, end_at + limit - time.monotonic()))
         if any(thread.is_alive() for thread in threads):

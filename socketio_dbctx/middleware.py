@@ -50,6 +50,7 @@ __all__ = [
     "resolved",
     "retry",
     "statement_timeout_of",
+    "still_unsettled",
     "transaction",
 ]
 
@@ -178,15 +179,35 @@ def failure_outcome(event: Event, exc: Exception) -> str:
 
 
 def retry(rest: Step) -> Step:
-    """Run the rest of the chain again after a transient failure."""
+    """Run the rest of the chain again after a transient failure. When the last attempt
+    fails while an earlier one's COMMIT is still unresolved, the answer is
+    ``outcome_unknown`` (:func:`still_unsettled`)."""
 
     def step(event: Event) -> Any:
         try:
             return rest(event)
         except Exception as exc:
-            return retry_after(event, rest, exc)
+            try:
+                return retry_after(event, rest, exc)
+            except Exception as final:
+                error = still_unsettled(event, final)
+                if error is final:
+                    raise
+                raise error from final
 
     return step
+
+
+def still_unsettled(event: Event, final: Exception) -> Exception:
+    """What a final failure becomes: ``outcome_unknown`` when an earlier attempt's
+    COMMIT lost its answer and no later attempt found out (a re-run that claimed the
+    key proves it did not commit, a successful one makes it moot), else itself."""
+    if event.unsettled is None or isinstance(final, OutcomeUnknownError):
+        return final
+    return OutcomeUnknownError(
+        "an attempt's COMMIT lost its answer and the attempts after it failed too "
+        f"({type(final).__name__}); check before trying again"
+    )
 
 
 def transaction(rest: Step) -> Step:
@@ -306,7 +327,7 @@ def resolved(
         event.phase = "handler"  # nothing was applied: as safe to retry as a failed INSERT
         return exc
     if rerun_is_safe(event):
-        event.unsettled = scope.held
+        event.unsettled = scope.held or []  # not None: an attempt's outcome is unknown
         return exc
     error = OutcomeUnknownError(
         "the connection was lost while COMMIT was on its way and the outcome could not "
@@ -330,7 +351,9 @@ def idempotency(default_key: KeyFunc | None) -> Wrap:
                 return rest(event)
             session = require_session()
             stored = keyed.claim(event, session)
-            if stored is not None:
+            if stored is None:
+                event.unsettled = None  # the key was free: no attempt committed it
+            else:
                 unsettled, event.unsettled = event.unsettled, None
                 if unsettled:  # this event's own earlier attempt did commit
                     after_commit(release, unsettled, event.state.metrics.after_commit_failed)

@@ -173,14 +173,6 @@ def test_quick_run_loses_nothing(postgres_url: str) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a keyed event whose COMMIT lost its answer while the database "
-    "stays unreachable is re-run (rerun_is_safe), the re-runs fail to connect, and the "
-    "ack is db_unavailable (retryable false) although the first attempt committed; it "
-    "should be outcome_unknown. Then the sample page's resends (and this benchmark's, "
-    "which copy them) take a db_unavailable after outcome_unknown for a failure",
-)
 def test_lost_commit_with_the_database_down_is_never_told_failed(postgres_url: str) -> None:
     """The COMMIT of ``place_order`` (keyed by ``client_order_id``) is applied, its answer
     lost, and the database refuses connections for 5 s right after: the client may be

@@ -173,17 +173,24 @@
 
   var RESENDS = 3; // after the first try
   var RESEND_CODES = { busy: true, outcome_unknown: true, timeout: true };
+  // Once a send's fate is unknown (no answer, outcome_unknown), "the database is down" is
+  // no answer either: keep resending the same id, with backoff, for this long.
+  var UNCERTAIN_FOR_MS = 30000;
 
-  function placeOrder(order, attempt, done) {
+  function placeOrder(order, attempt, done, uncertainSince) {
     trading.timeout(ACK_TIMEOUT).emit("place_order", order, function (err, ack) {
       var code = err ? "no_answer" : ack && ack.error;
-      if ((code === "no_answer" || RESEND_CODES[code]) && attempt < RESENDS) {
-        var wait = ack && ack.retry_after_ms ? ack.retry_after_ms : 500;
+      var uncertain = uncertainSince || (code === "no_answer" || code === "outcome_unknown" ? Date.now() : 0);
+      var again = (code === "no_answer" || RESEND_CODES[code]) && attempt < RESENDS;
+      var stillUnknown = uncertain && (code === "db_unavailable" || again || code === "no_answer" || RESEND_CODES[code]) &&
+        Date.now() - uncertain < UNCERTAIN_FOR_MS;
+      if (again || stillUnknown) {
+        var wait = ack && ack.retry_after_ms ? ack.retry_after_ms : Math.min(500 * Math.pow(2, attempt), 4000);
         showResult("Order not confirmed yet (" + code + "); sending it again…", "pending");
-        window.setTimeout(function () { placeOrder(order, attempt + 1, done); }, wait);
+        window.setTimeout(function () { placeOrder(order, attempt + 1, done, uncertain); }, wait);
         return;
       }
-      done(err, ack);
+      done(err, ack, uncertain && !(ack && ack.ok));
     });
   }
 
@@ -198,8 +205,12 @@
     };
     var button = $("order-submit");
     button.disabled = true;
-    placeOrder(order, 0, function (err, ack) {
+    placeOrder(order, 0, function (err, ack, unknown) {
       button.disabled = false;
+      if (unknown) {
+        showResult("Not confirmed: the order may have been placed; check your orders before placing it again", "pending");
+        return;
+      }
       if (err || !ack || !ack.ok) { showResult(describeError(err, ack), false); return; }
       var o = ack.order;
       var rest = o.status === "open" && o.filled_qty !== "0" ? " (" + o.filled_qty + " filled, " + o.open_qty + " resting)" : "";

@@ -30,7 +30,13 @@ from .. import keyed
 from ..acks import error_payload, log_failure
 from ..context import current_scope
 from ..errors import BusyError, ContextSetupError, InvalidRequestError
-from ..middleware import failed_attempt, failure_outcome, resolved, statement_timeout_of
+from ..middleware import (
+    failed_attempt,
+    failure_outcome,
+    resolved,
+    statement_timeout_of,
+    still_unsettled,
+)
 from ..outcomes import resolve
 from ..retry import retry_after_async
 from .scope import AsyncScope, commit, release
@@ -180,7 +186,13 @@ def retry(rest: AsyncStep) -> AsyncStep:
         try:
             return await rest(event)
         except Exception as exc:
-            return await retry_after_async(event, rest, exc)
+            try:
+                return await retry_after_async(event, rest, exc)
+            except Exception as final:
+                error = still_unsettled(event, final)
+                if error is final:
+                    raise
+                raise error from final
 
     return step
 
@@ -247,7 +259,9 @@ def idempotency(default_key: KeyFunc | None) -> AsyncWrap:
             assert scope is not None
             session = scope.session
             stored = await session.run_sync(lambda sync: keyed.claim(event, sync))
-            if stored is not None:
+            if stored is None:
+                event.unsettled = None  # the key was free: no attempt committed it
+            else:
                 unsettled, event.unsettled = event.unsettled, None
                 if unsettled:  # this event's own earlier attempt did commit
                     scope.hold(lambda: release(unsettled, event.state.metrics.after_commit_failed))
