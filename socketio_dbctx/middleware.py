@@ -225,6 +225,7 @@ def transaction(rest: Step) -> Step:
         event.committed = False
         fresh = event.fresh_context and event.attempt == 1
         settings = event.settings
+        options = event.options
         scope = open_scope(
             event.app,
             event.state.source,
@@ -232,7 +233,7 @@ def transaction(rest: Step) -> Step:
             label=event.key,
             fresh_context=fresh,
             defer=settings.defer_emits,
-            timeout=statement_timeout_of(event),
+            timeout=statement_timeout_of(event) if options else settings.statement_timeout,
         )
         result: Any = _NOTHING
         try:
@@ -347,6 +348,8 @@ def idempotency(default_key: KeyFunc | None) -> Wrap:
 
     def wrap(rest: Step) -> Step:
         def step(event: Event) -> Any:
+            if default_key is None and not event.options:  # most events: no key
+                return rest(event)
             if keyed.key_of(event, default_key) is None:
                 return rest(event)
             session = require_session()

@@ -30,7 +30,7 @@ from ..shapes import EventSummary, HealthResult, PoolStatus
 from ..state import describe_checkout
 from ..throttle import LogThrottle
 from ..timeouts import reset_on_checkin
-from ..transactions import follow_commits
+from ..transactions import follow_commits, follow_transactions
 from . import steps
 from .scope import AsyncScope, commit, release
 
@@ -78,6 +78,11 @@ class AsyncState:
         base = maker.kw.get("sync_session_class") or Session
         followed = type(f"DBContext{base.__name__}", (base,), {})
         follow_commits(followed)
+        bind = maker.kw.get("bind")
+        if settings.statement_timeout is not None or (
+            bind is not None and bind.dialect.name == "postgresql"
+        ):
+            follow_transactions(followed)
         self.maker = type(maker)(**{**maker.kw, "sync_session_class": followed})
         self.metrics = EventMetrics()
         self.log_throttle = LogThrottle()

@@ -253,6 +253,8 @@ def idempotency(default_key: KeyFunc | None) -> AsyncWrap:
 
     def wrap(rest: AsyncStep) -> AsyncStep:
         async def step(event: Event) -> Any:
+            if default_key is None and not event.options:  # most events: no key
+                return await rest(event)
             if keyed.key_of(event, default_key) is None:
                 return await rest(event)
             scope = current_scope()
