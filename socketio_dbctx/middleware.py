@@ -42,9 +42,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "admission",
+    "count_refused",
     "errors",
     "failed_attempt",
     "failure_outcome",
+    "final_ack",
     "idempotency",
     "metrics",
     "resolved",
@@ -114,7 +116,14 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
         except Exception:
             logger.exception("the error handler of %s raised while handling %s", event.key, exc)
             on_error = None
-    if on_error is None:
+    return final_ack(event, exc, ack, handled=on_error is not None)
+
+
+def final_ack(event: Event, exc: Exception, ack: Any, *, handled: bool) -> Any:
+    """The ack of a failed event: the error handler's ``ack`` when it ``handled`` the
+    failure, else the logged error payload. A failed connect refuses the client; a
+    disconnect has no ack."""
+    if not handled:
         log_failure(event.key, event.sid, exc, event.state.log_throttle)
         ack = error_payload(exc, expose=event.settings.expose_errors)
     if event.name == "connect":
@@ -122,6 +131,13 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
         payload = error_payload(exc, expose=event.settings.expose_errors)
         raise SocketIORefused(payload["error"], payload)
     return None if event.name == "disconnect" else ack
+
+
+def count_refused(event: Event, start: float) -> None:
+    """Count an event turned away by admission (it never reached the metrics step)."""
+    stats = event.state.metrics
+    stats.started(event.key, event.namespace, event.name)
+    stats.finished(event.key, time.perf_counter() - start, "busy")
 
 
 def admission(limits: Admission) -> Wrap:
@@ -136,9 +152,7 @@ def admission(limits: Admission) -> Wrap:
                 return limits.run(event.sid, rest, event)
             except BusyError:
                 if event.phase == "admission":
-                    stats = event.state.metrics
-                    stats.started(event.key, event.namespace, event.name)
-                    stats.finished(event.key, time.perf_counter() - start, "busy")
+                    count_refused(event, start)
                 raise
 
         return step

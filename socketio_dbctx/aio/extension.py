@@ -19,12 +19,13 @@ from sqlalchemy.util import greenlet_spawn
 from ..admission import Admission, ProcessLimit
 from ..config import Settings, load_settings
 from ..decorators import KeyFunc
+from ..dispatch import LIFECYCLE, spec_of
 from ..emits import install as install_emits
 from ..errors import ContextSetupError
 from ..idempotency import KeyStore, idempotency_table
 from ..leaks import PoolTracker
 from ..metrics import EventMetrics
-from ..pipeline import Event, HandlerSpec, Middleware, build_chain
+from ..pipeline import Event, Middleware, build_chain
 from ..pool import pool_capacity, pool_status, worst_status
 from ..shapes import EventSummary, HealthResult, PoolStatus
 from ..state import describe_checkout
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncDBContext", "AsyncRuntime", "AsyncState", "dbctx_of"]
 
 logger = logging.getLogger(__name__)
-
-#: Events that skip admission: a full pool must not stop clients connecting or leaving.
-LIFECYCLE = frozenset({"connect", "disconnect"})
 
 _CONTEXTS: weakref.WeakKeyDictionary[Any, AsyncDBContext] = weakref.WeakKeyDictionary()
 
@@ -141,7 +139,6 @@ class AsyncRuntime:
             (steps.errors, *inner, *user),
             steps.call_handler,
         )
-        self._specs: dict[Any, HandlerSpec] = {}
 
     async def run(
         self,
@@ -152,10 +149,7 @@ class AsyncRuntime:
         payload: tuple[Any, ...],
     ) -> Any:
         """Run one event through the chain; return the ack."""
-        key = getattr(handler, "__func__", handler)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = HandlerSpec(handler)
+        spec = spec_of(handler)
         if name in LIFECYCLE:
             # connect gets (environ, auth), disconnect (reason): pass what is accepted
             while payload and not spec.accepts(len(payload) + 1):

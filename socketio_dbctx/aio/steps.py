@@ -27,12 +27,13 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from .. import keyed
-from ..acks import error_payload, log_failure
 from ..context import current_scope
 from ..errors import BusyError, ContextSetupError, InvalidRequestError
 from ..middleware import (
+    count_refused,
     failed_attempt,
     failure_outcome,
+    final_ack,
     resolved,
     statement_timeout_of,
     still_unsettled,
@@ -121,13 +122,7 @@ async def _answer(event: Event, exc: Exception) -> Any:
         except Exception:
             logger.exception("the error hook of %s raised while handling %s", event.key, exc)
             hook = None
-    if not callable(hook):
-        log_failure(event.key, event.sid, exc, event.state.log_throttle)
-        ack = error_payload(exc, expose=event.settings.expose_errors)
-    if event.name == "connect":
-        payload = error_payload(exc, expose=event.settings.expose_errors)
-        raise SocketIORefused(payload["error"], payload)
-    return None if event.name == "disconnect" else ack
+    return final_ack(event, exc, ack, handled=callable(hook))
 
 
 def admission(limits: Admission) -> AsyncWrap:
@@ -144,9 +139,7 @@ def admission(limits: Admission) -> AsyncWrap:
                         await asyncio.wait_for(waiter.event.wait(), limits.timeout)
                     limits.admitted(waiter)
             except BusyError:
-                stats = event.state.metrics
-                stats.started(event.key, event.namespace, event.name)
-                stats.finished(event.key, time.perf_counter() - start, "busy")
+                count_refused(event, start)
                 raise
             try:
                 return await rest(event)
