@@ -293,7 +293,10 @@ def test_two_hundred_concurrent_events_never_share_a_session(
         clients[index % 4].emit("overlap", token, namespace=NS, callback=answered(token))
     assert done.wait(60), f"{len(tokens) - len(acks)} events without an ack"
 
-    assert set(acks.values()) == {True}, "a session was used by two events at once"
+    shared = {token: ack for token, ack in acks.items() if ack is not True}
+    assert not shared, (
+        f"{len(shared)} events shared a session or failed: {list(shared.values())[:3]}"
+    )
     with db_check.connect() as conn:
         assert conn.execute(sa.text("SELECT count(DISTINCT token) FROM aio_rows")).scalar() == 200
     assert "QueuePool limit" not in server.log() and "TimeoutError" not in server.log()
