@@ -5,8 +5,8 @@
 
 Each step decides as its Flask twin does, with the same functions: error codes and
 payloads (:mod:`socketio_dbctx.acks`), what a failed attempt becomes
-(:func:`~socketio_dbctx.middleware.failed_attempt`,
-:func:`~socketio_dbctx.middleware.resolved`), retries
+(:func:`~socketio_dbctx.settle.failed_attempt`,
+:func:`~socketio_dbctx.settle.resolved`), retries
 (:func:`~socketio_dbctx.retry.retry_after_async`), admission
 (:class:`~socketio_dbctx.admission.Admission` with asyncio events) and keys
 (:mod:`socketio_dbctx.keyed`, run in the session's greenlet). Only waiting and I/O are
@@ -29,7 +29,9 @@ from sqlalchemy.util import await_only, greenlet_spawn
 from .. import keyed
 from ..context import current_scope
 from ..errors import BusyError, ContextSetupError, InvalidRequestError
-from ..middleware import (
+from ..outcomes import resolve
+from ..retry import retry_after_async
+from ..settle import (
     count_refused,
     failed_attempt,
     failure_outcome,
@@ -38,8 +40,6 @@ from ..middleware import (
     statement_timeout_of,
     still_unsettled,
 )
-from ..outcomes import resolve
-from ..retry import retry_after_async
 from .scope import AsyncScope, commit, release
 
 if TYPE_CHECKING:
