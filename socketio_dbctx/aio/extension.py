@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ..admission import Admission, ProcessLimit
-from ..config import Settings, load_settings
+from ..config import Settings, is_number, load_settings
 from ..decorators import KeyFunc
 from ..dispatch import LIFECYCLE, spec_of
 from ..emits import install as install_emits
@@ -34,6 +34,7 @@ from ..timeouts import reset_on_checkin
 from ..transactions import follow_commits, follow_transactions
 from . import steps
 from .scope import AsyncScope, commit, release
+from .tasks import AsyncPeriodicTask
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -283,6 +284,29 @@ class AsyncDBContext:
                 logger.exception("background task %s failed", getattr(func, "__name__", func))
 
         return self.state.spawn(run())
+
+    def start_periodic_task(
+        self, func: Callable[..., Any], interval: float, *args: Any, **kwargs: Any
+    ) -> AsyncPeriodicTask:
+        """Run ``await func(*args, **kwargs)`` every ``interval`` seconds, each run in its
+        own :meth:`session_scope`; no connection is held between runs. An exception is
+        logged and the loop goes on. Returns a handle with ``await stop()``.
+
+        :raises ValueError: for a non-callable ``func`` or an ``interval`` <= 0.
+        """
+        if not callable(func):
+            raise ValueError(f"func must be callable, got {type(func).__name__}")
+        if not is_number(interval, 0, above=True):
+            raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
+
+        async def run_once() -> None:
+            async with self.session_scope():
+                result = func(*args, **kwargs)
+                if asyncio.iscoroutine(result):
+                    await result
+
+        name = getattr(func, "__qualname__", repr(func))
+        return AsyncPeriodicTask(self.state.spawn, run_once, float(interval), name)
 
     # -- operations -------------------------------------------------------------------
 
