@@ -69,12 +69,12 @@ class ScopeState:
 
     def __init__(
         self,
-        *,
         event: Event | None = None,
         label: str | None = None,
         defer: bool = False,
         timeout: float | None = None,
     ) -> None:
+        # positional: a scope is made per event, and keywords cost more
         self.event = event
         self.label = label
         self.defer = defer
@@ -90,10 +90,11 @@ class ScopeState:
         self.watch: Watch | None = None
         #: a flush or a statement other than a SELECT ran in the current transaction
         self.wrote = False
-        #: the connections of the current transaction
-        self.connections: list[Connection] = []
+        #: the connections of the current transaction (a new tuple per change: rare,
+        #: and no list to allocate for the many scopes that never use one)
+        self.connections: tuple[Connection, ...] = ()
         #: (engine, transaction id) of each connection that wrote, asked before COMMIT
-        self.txids: list[tuple[Engine, int]] = []
+        self.txids: tuple[tuple[Engine, int], ...] = ()
         self._watch_token: Token[Watch | None] | None = None
 
     def _activate(self) -> None:
@@ -175,7 +176,7 @@ class Scope(ScopeState):
         defer: bool = False,
         timeout: float | None = None,
     ) -> None:
-        super().__init__(event=event, label=label, defer=defer, timeout=timeout)
+        ScopeState.__init__(self, event, label, defer, timeout)
         self._ctx = None if fresh_context else app.app_context()
         self.source = source
         self.token: Any = None

@@ -38,7 +38,7 @@ LIFECYCLE = frozenset({"connect", "disconnect"})
 class Runtime:
     """One namespace's settings, admission and chains in one app."""
 
-    __slots__ = ("admission", "chain", "lifecycle_chain", "settings", "state")
+    __slots__ = ("admission", "chain", "keyed_chain", "lifecycle_chain", "settings", "state")
 
     def __init__(
         self,
@@ -59,9 +59,13 @@ class Runtime:
         )
         user = tuple(adapt(mw) for mw in extra)
         errors = middleware.errors(find_error)
-        self.chain: Step = build_chain(
-            (errors, middleware.admission(admission), *inner, middleware.idempotency(key), *user)
-        )
+        outer = (errors, middleware.admission(admission), *inner)
+        #: for handlers without options in a namespace without a key: no key to look for
+        self.chain: Step = build_chain((*outer, *user))
+        #: for the others (a handler's options may name a key)
+        self.keyed_chain: Step = build_chain((*outer, middleware.idempotency(key), *user))
+        if key is not None:
+            self.chain = self.keyed_chain
         self.lifecycle_chain: Step = build_chain((errors, *inner, *user))
 
 
@@ -194,8 +198,9 @@ def run_event(
             socketio.sleep,
             fresh,
         )
-        chain = runtime.lifecycle_chain if name in LIFECYCLE else runtime.chain
-        return chain(event)
+        if name in LIFECYCLE:
+            return runtime.lifecycle_chain(event)
+        return (runtime.keyed_chain if spec.options else runtime.chain)(event)
     except SocketIORefused:
         raise
     except ConnectionRefusedError as exc:

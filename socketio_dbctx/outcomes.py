@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional
 
 from sqlalchemy.engine import Connection, Engine
@@ -67,7 +68,7 @@ def _status(engine: Engine, txid: int, seconds: float) -> str | None:
 
 
 def resolve(
-    txids: list[tuple[Engine, int]],
+    txids: Sequence[tuple[Engine, int]],
     sleep: Callable[[float], Any] = time.sleep,
     budget: float = BUDGET,
 ) -> Outcome:

@@ -73,7 +73,7 @@ def _guarded(base: type) -> type:
 
         def decode(self, encoded_packet: Any) -> Any:
             try:
-                return super().decode(encoded_packet)
+                return base.decode(self, encoded_packet)  # type: ignore[attr-defined]
             except Exception as exc:
                 raise MalformedPacket(_kind(exc, encoded_packet)) from None
 
@@ -135,8 +135,10 @@ def install(server: Any) -> None:
         return None
 
     def guarded_event(eio_sid: str, namespace: str | None, id: Any, data: Any) -> Any:
+        if type(data) is list and data and type(data[0]) is str:  # _event_problem() is None
+            return handle_event(eio_sid, namespace, id, data)
         problem = _event_problem(data)
-        if problem is None:
+        if problem is None:  # a list or str subclass
             return handle_event(eio_sid, namespace, id, data)
         _log(problem, eio_sid)
         namespace = namespace or "/"

@@ -38,7 +38,7 @@ def _on_begin(session: Session, transaction: SessionTransaction, connection: Con
     scope = current_scope()
     if scope is None:
         return
-    scope.connections.append(connection)
+    scope.connections = (*scope.connections, connection)
     if scope.timeout is not None:
         watch = scope.watch
         if watch is not None and connection.dialect.name == "sqlite":
@@ -74,12 +74,12 @@ def _on_commit_start(session: Session) -> None:
     # The flush a commit() would do after this listener: its statements are not the
     # COMMIT, so a failure in them (a lock not granted) must not count as uncertain.
     session.flush()
-    scope.txids = []
+    scope.txids = ()
     if scope.wrote:
-        for connection in scope.connections:
-            txid = transaction_id(connection)
-            if txid is not None:
-                scope.txids.append((connection.engine, txid))
+        txids = (
+            (connection.engine, transaction_id(connection)) for connection in scope.connections
+        )
+        scope.txids = tuple((engine, txid) for engine, txid in txids if txid is not None)
     # From here on, losing the connection leaves the outcome unknown.
     if scope.event is not None:
         scope.event.phase = "commit"
@@ -102,7 +102,7 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
     if transaction.parent is None:
         scope = current_scope()
         if scope is not None:
-            scope.connections = []
+            scope.connections = ()
             scope.wrote = False
 
 

@@ -47,7 +47,7 @@ class AsyncScope(ScopeState):
         defer: bool = False,
         timeout: float | None = None,
     ) -> None:
-        super().__init__(event=event, label=label, defer=defer, timeout=timeout)
+        ScopeState.__init__(self, event, label, defer, timeout)
         self._maker = maker
         self._session: AsyncSession | None = None
 
