@@ -33,7 +33,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 import socketio_dbctx
 from socketio_dbctx import DBContext, InvalidRequestError
-from tests.servers.common import RunCounter, add_state_route, text
+from tests.servers.common import RunCounter, add_state_route, text, token_rows
 
 NAMESPACE = "/x"
 
@@ -45,17 +45,9 @@ _count = _runs.count
 def setup(
     app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
 ) -> None:
-    rows = sa.Table(
-        "x_rows",
-        db.metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("token", sa.String(60), nullable=False, unique=True),
-    )
+    add_row = token_rows(db, "x_rows")
     if hasattr(socketio_dbctx, "idempotency_table"):  # until the key store exists
         socketio_dbctx.idempotency_table(db.metadata)
-
-    def add_row(token: str) -> int:
-        return int(db.session.execute(rows.insert().values(token=token)).inserted_primary_key[0])
 
     @dbctx.on("hold", namespace=NAMESPACE)
     def hold(seconds: float) -> int:

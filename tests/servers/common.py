@@ -1,5 +1,6 @@
 """What the ``--extra`` server modules share: a run counter, argument checks, and
-the HTTP route through which a test reads the runs and ``dbctx.metrics()``.
+the HTTP route through which a test reads the runs and ``dbctx.metrics()``, and a
+table of rows keyed by a token.
 
 Each module keeps one :class:`RunCounter` at module level (so its count outlives a
 request and is read by the route), counts every run of a handler under a key such as
@@ -11,7 +12,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+import sqlalchemy as sa
 from flask import Flask, jsonify
+from flask_sqlalchemy import SQLAlchemy
 
 from socketio_dbctx import DBContext, InvalidRequestError
 
@@ -56,6 +59,24 @@ def add_state_route(
         return jsonify(events=dbctx.metrics(), calls=calls, **extra)
 
     app.add_url_rule(rule, endpoint=rule, view_func=state)
+
+
+def token_rows(db: SQLAlchemy, name: str) -> Callable[[str], int]:
+    """Declare the table ``name`` (``id``, a unique ``token`` of 1-60 characters) on
+    ``db.metadata``; return ``add_row(token)``, which inserts a row in the event's
+    session and returns its id."""
+    rows = sa.Table(
+        name,
+        db.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("token", sa.String(60), nullable=False, unique=True),
+    )
+
+    def add_row(token: str) -> int:
+        result = db.session.execute(rows.insert().values(token=token))
+        return int(result.inserted_primary_key[0])
+
+    return add_row
 
 
 def text(value: Any, what: str, longest: int = 60) -> str:

@@ -38,7 +38,7 @@ from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
 
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
-from tests.servers.common import RunCounter, add_state_route, text
+from tests.servers.common import RunCounter, add_state_route, text, token_rows
 
 NAMESPACE = "/d"
 
@@ -53,22 +53,13 @@ _count = _runs.count
 def setup(
     app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
 ) -> None:
-    rows = sa.Table(
-        "d_rows",
-        db.metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("token", sa.String(60), nullable=False, unique=True),
-    )
+    add_row = token_rows(db, "d_rows")
     counters = sa.Table(
         "d_counters",
         db.metadata,
         sa.Column("name", sa.String(60), primary_key=True),
         sa.Column("value", sa.Integer, nullable=False),
     )
-
-    def add_row(token: str) -> int:
-        result = db.session.execute(rows.insert().values(token=token))
-        return int(result.inserted_primary_key[0])
 
     def wait_for_gate(gate: str) -> None:
         got = db.session.execute(

@@ -51,7 +51,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 import socketio_dbctx
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
-from tests.servers.common import RunCounter, add_state_route, text
+from tests.servers.common import RunCounter, add_state_route, text, token_rows
 
 NAMESPACE = "/tmo"
 ATTR_NAMESPACE = "/tmo_attr"
@@ -103,12 +103,7 @@ def _sqlite_rows_per_second() -> float:
 def setup(
     app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
 ) -> None:
-    rows = sa.Table(
-        "tmo_rows",
-        db.metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("token", sa.String(60), nullable=False, unique=True),
-    )
+    add_row = token_rows(db, "tmo_rows")
     with app.app_context():
         engine = db.engine
     dialect = engine.dialect.name
@@ -155,10 +150,6 @@ def setup(
             )
         else:  # pragma: no cover - the tests use the three above
             raise InvalidRequestError(f"no slow statement for {dialect}")
-
-    def add_row(token: str) -> int:
-        result = db.session.execute(rows.insert().values(token=token))
-        return int(result.inserted_primary_key[0])
 
     def read_timeout(conn: sa.Connection) -> dict[str, Any]:
         """The statement timeout in force on ``conn``, in seconds (None: none exists)."""
