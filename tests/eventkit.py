@@ -8,6 +8,8 @@ module (``tests/servers/faults.py``, ``db_faults.py``, ``across.py``,
   :func:`proxied` (a database URL through a ``tests/tcp_proxy.py`` proxy).
 * :func:`servers_stop_first`: the body of a module's ``connect_client`` fixture
   whose servers stop before its clients disconnect.
+* :class:`InProcess`: the same ``call`` for Flask-SocketIO test clients (semantics
+  tests, no server process).
 
 The fixtures these tests share (``db_check``, ``pg_proxy``, ``mysql_proxy``) are in
 ``tests/conftest.py``.
@@ -124,6 +126,24 @@ class ExtraModule:
             r"for sid \S+ \(attempt (\d+) of (\d+)\)"
         )
         return [(int(a), int(b)) for a, b in pattern.findall(server.log())]
+
+
+class InProcess:
+    """Flask-SocketIO test clients on one default namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def call(self, client: Any, event: str, *args: Any, namespace: str | None = None) -> Any:
+        """Emit ``event`` with ``args``; the handler's ack."""
+        return client.emit(event, *args, namespace=namespace or self.namespace, callback=True)
+
+    def client_of(self, socketio: Any, app: Any, namespace: str | None = None) -> Any:
+        """A test client connected to ``namespace``."""
+        namespace = namespace or self.namespace
+        client = socketio.test_client(app, namespace=namespace)
+        assert client.is_connected(namespace)
+        return client
 
 
 def assert_error_ack(
