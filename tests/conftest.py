@@ -199,6 +199,9 @@ DATABASES = ("sqlite", "postgres", "mariadb")
 #: Run a test (one using ``database_url`` or the fixtures built on it: ``app``, ``db``,
 #: ``url``, ``Item``...) on SQLite, PostgreSQL and MariaDB alike.
 ALL_DATABASES = pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+#: Start a test's servers (``server_factory``) on MariaDB, or on SQLite, not PostgreSQL.
+ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
+ON_SQLITE = pytest.mark.parametrize("server_database", ["sqlite"], indirect=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -5,7 +5,8 @@ module (``tests/servers/faults.py``, ``db_faults.py``, ``across.py``,
 * :class:`ExtraModule`: one module's namespace and HTTP state route, and the calls
   a test makes through them (``call``, ``runs``, ``event_stats``, ``retry_lines``).
 * :func:`new_token`, :func:`assert_error_ack`, :func:`engine_options`,
-  :func:`proxied` (a database URL through a ``tests/tcp_proxy.py`` proxy).
+  :func:`proxied` (a database URL through a ``tests/tcp_proxy.py`` proxy),
+  :func:`direct_connection` (the test's own connection to a server's database).
 * :func:`servers_stop_first`: the body of a module's ``connect_client`` fixture
   whose servers stop before its clients disconnect.
 * :class:`InProcess`: the same ``call`` for Flask-SocketIO test clients (semantics
@@ -22,6 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import socketio
@@ -199,6 +201,18 @@ def engine_options(
         "pool_timeout": pool_timeout,
         "connect_args": connect_args,
     }
+
+
+@contextmanager
+def direct_connection(server: ServerProcess, autocommit: bool = False) -> Iterator[sa.Connection]:
+    """The test's own connection to ``server``'s database, outside its pool (it sees
+    committed rows only); ``autocommit`` for named locks and ``KILL``."""
+    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT") if autocommit else conn
+    finally:
+        engine.dispose()
 
 
 def proxied(url: str, proxy: TcpProxy) -> str:

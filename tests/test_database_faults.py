@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import POOL_KEYS, ServerProcess, wait_for
-from eventkit import ClientFactory, ExtraModule, ServerFactory, new_token
+from conftest import ON_MARIADB, ON_SQLITE, POOL_KEYS, ServerProcess, wait_for
+from eventkit import ClientFactory, ExtraModule, ServerFactory, direct_connection, new_token
 
 pytestmark = pytest.mark.server
 
@@ -36,8 +35,6 @@ CONFIG = {"DBCTX_RETRY_DELAY": 0.01, "DBCTX_RETRY_MAX_DELAY": 0.05}
 #: Seconds any one ack may take (a gate a test forgot would hold a handler 30 s).
 ACK_TIMEOUT = 40
 
-ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
-ON_SQLITE = pytest.mark.parametrize("server_database", ["sqlite"], indirect=True)
 
 DB_FAULTS = ExtraModule(NS, "/d/metrics", timeout=ACK_TIMEOUT)
 call = DB_FAULTS.call
@@ -52,16 +49,10 @@ def start(server_factory: ServerFactory, async_mode: str, **config: Any) -> Serv
     return server_factory(async_mode, extra=EXTRA, config={**CONFIG, **config})
 
 
-@contextmanager
-def admin_connection(server: ServerProcess) -> Iterator[sa.Connection]:
+def admin_connection(server: ServerProcess) -> AbstractContextManager[sa.Connection]:
     """The test's own connection to the server's database, in autocommit mode (named
     locks and ``KILL`` need no transaction; row locks open one explicitly)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
-    finally:
-        engine.dispose()
+    return direct_connection(server, autocommit=True)
 
 
 def stored_tokens(server: ServerProcess) -> list[str]:

@@ -24,7 +24,7 @@ import pytest
 import socketio
 import sqlalchemy as sa
 from conftest import ALL_DATABASES, ServerProcess, checked_out, wait_for
-from eventkit import assert_error_ack, new_token, servers_stop_first
+from eventkit import assert_error_ack, direct_connection, new_token, servers_stop_first
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -60,14 +60,10 @@ def connect_client(connect_client: ClientFactory) -> Iterator[ClientFactory]:
 
 def key_rows(server: ServerProcess, key: str) -> int:
     """Rows of ``key`` in the idempotency table (any namespace or event)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            table = sa.Table(IDEMPOTENCY_TABLE, sa.MetaData(), autoload_with=conn)
-            query = sa.select(sa.func.count()).select_from(table).where(table.c.key == key)
-            return int(conn.execute(query).scalar_one())
-    finally:
-        engine.dispose()
+    with direct_connection(server) as conn:
+        table = sa.Table(IDEMPOTENCY_TABLE, sa.MetaData(), autoload_with=conn)
+        query = sa.select(sa.func.count()).select_from(table).where(table.c.key == key)
+        return int(conn.execute(query).scalar_one())
 
 
 def entered(server: ServerProcess) -> list[str]:

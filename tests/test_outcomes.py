@@ -28,12 +28,13 @@ from typing import Any
 import pytest
 import socketio
 import sqlalchemy as sa
-from conftest import ServerProcess, schema_url, wait_for
+from conftest import ON_MARIADB, ServerProcess, schema_url, wait_for
 from eventkit import (
     ClientFactory,
     ExtraModule,
     ServerFactory,
     assert_error_ack,
+    direct_connection,
     engine_options,
     new_token,
     proxied,
@@ -52,7 +53,6 @@ CONFIG = {"DBCTX_RETRY_DELAY": 0.01, "DBCTX_RETRY_MAX_DELAY": 0.05}
 ACK_TIMEOUT = 30.0
 IDEMPOTENCY_TABLE = "socketio_dbctx_idempotency"
 
-ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
 
 RELIABILITY = ExtraModule(NS, "/r/metrics", timeout=ACK_TIMEOUT, runs_by_namespace=True)
 call = RELIABILITY.call
@@ -71,16 +71,12 @@ def written_ack(token: str, event: str = "write", run: int = 1) -> dict[str, Any
 
 def stored(server: ServerProcess, token: str) -> int:
     """``r_rows`` rows of ``token``, read on a fresh direct connection (committed only)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.text("SELECT count(*) FROM r_rows WHERE token = :token"), {"token": token}
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
+    with direct_connection(server) as conn:
+        return int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM r_rows WHERE token = :token"), {"token": token}
+            ).scalar_one()
+        )
 
 
 def lost_commit_outcomes(server: ServerProcess, event: str, namespace: str = NS) -> list[str]:

@@ -33,11 +33,12 @@ from typing import Any
 import pytest
 import socketio
 import sqlalchemy as sa
-from conftest import ServerProcess, schema_url, wait_for
+from conftest import ON_MARIADB, ON_SQLITE, ServerProcess, schema_url, wait_for
 from eventkit import (
     ClientFactory,
     ExtraModule,
     ServerFactory,
+    direct_connection,
     engine_options,
     new_token,
     proxied,
@@ -70,8 +71,6 @@ NEVER_HANG = 15.0
 #: Stands for "no ack came" in :func:`call_all` results.
 NO_ACK = "<no ack>"
 
-ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
-ON_SQLITE = pytest.mark.parametrize("server_database", ["sqlite"], indirect=True)
 
 #: What a timeout's ack must not show.
 LEAKY_WORDS = ("pg_sleep", "SLEEP", "SELECT", "tmo_rows", "canceling", "interrupted")
@@ -116,13 +115,9 @@ def server_json(server: ServerProcess, path: str) -> Any:
 
 def stored(server: ServerProcess, tokens: Sequence[str]) -> list[str]:
     """The ``tokens`` that have a committed ``tmo_rows`` row (a fresh direct connection)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            found = conn.execute(sa.text("SELECT token FROM tmo_rows")).scalars()
-            return sorted(set(found) & set(tokens))
-    finally:
-        engine.dispose()
+    with direct_connection(server) as conn:
+        found = conn.execute(sa.text("SELECT token FROM tmo_rows")).scalars()
+        return sorted(set(found) & set(tokens))
 
 
 def assert_error_ack(ack: Any, code: str, retryable: bool) -> None:
