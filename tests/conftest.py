@@ -28,6 +28,7 @@ from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
 from server_launch import HTTP, server_command, wait_ready
+from tcp_proxy import TcpProxy
 
 POSTGRES_URL = os.environ.get(
     "DBCTX_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -198,6 +199,9 @@ DATABASES = ("sqlite", "postgres", "mariadb")
 #: Run a test (one using ``database_url`` or the fixtures built on it: ``app``, ``db``,
 #: ``url``, ``Item``...) on SQLite, PostgreSQL and MariaDB alike.
 ALL_DATABASES = pytest.mark.parametrize("database_url", DATABASES, indirect=True)
+#: Start a test's servers (``server_factory``) on MariaDB, or on SQLite, not PostgreSQL.
+ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
+ON_SQLITE = pytest.mark.parametrize("server_database", ["sqlite"], indirect=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -599,3 +603,28 @@ def connect_client(
         with ThreadPoolExecutor(len(connected)) as pool:
             for future in [pool.submit(client.disconnect) for client in connected]:
                 future.result(timeout=30)
+
+
+@pytest.fixture
+def db_check(postgres_url: str, pg_schema: str) -> Iterator[sa.Engine]:
+    """A direct engine on the test's PostgreSQL schema (the first server's), for
+    checking rows and backends."""
+    engine = sa.create_engine(schema_url(postgres_url, pg_schema), poolclass=sa.pool.NullPool)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_proxy(postgres_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy (``tests/tcp_proxy.py``) in front of PostgreSQL, forwarding."""
+    url = sa.engine.make_url(postgres_url)
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
+        yield running
+
+
+@pytest.fixture
+def mysql_proxy(mysql_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy (``tests/tcp_proxy.py``) in front of MariaDB/MySQL, forwarding."""
+    url = sa.engine.make_url(mysql_url)
+    with TcpProxy(url.host or "127.0.0.1", url.port or 3306) as running:
+        yield running

@@ -14,20 +14,17 @@ failures as unit decisions: ``tests/test_transient_unit.py``.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-import socketio
 import sqlalchemy as sa
-from conftest import POOL_KEYS, ServerProcess, wait_for
+from conftest import ON_MARIADB, ON_SQLITE, POOL_KEYS, ServerProcess, wait_for
+from eventkit import ClientFactory, ExtraModule, ServerFactory, direct_connection, new_token
 
 pytestmark = pytest.mark.server
 
@@ -38,52 +35,24 @@ CONFIG = {"DBCTX_RETRY_DELAY": 0.01, "DBCTX_RETRY_MAX_DELAY": 0.05}
 #: Seconds any one ack may take (a gate a test forgot would hold a handler 30 s).
 ACK_TIMEOUT = 40
 
-ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
-ON_SQLITE = pytest.mark.parametrize("server_database", ["sqlite"], indirect=True)
 
-ServerFactory = Callable[..., ServerProcess]
-ClientFactory = Callable[..., socketio.Client]
+DB_FAULTS = ExtraModule(NS, "/d/metrics", timeout=ACK_TIMEOUT)
+call = DB_FAULTS.call
+runs = DB_FAULTS.runs
+event_stats = DB_FAULTS.event_stats
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def start(server_factory: ServerFactory, async_mode: str, **config: Any) -> ServerProcess:
     return server_factory(async_mode, extra=EXTRA, config={**CONFIG, **config})
 
 
-def call(client: socketio.Client, event: str, *args: Any) -> Any:
-    return client.call(event, args, namespace=NS, timeout=ACK_TIMEOUT)
-
-
-def metrics(server: ServerProcess) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(server.get("/d/metrics"))
-    return data
-
-
-def runs(server: ServerProcess, event: str, token: str) -> int:
-    return int(metrics(server)["calls"].get(f"{event}:{token}", 0))
-
-
-def event_stats(server: ServerProcess, event: str) -> dict[str, Any]:
-    stats: dict[str, Any] = metrics(server)["events"][f"{NS}:{event}"]
-    return stats
-
-
-@contextmanager
-def admin_connection(server: ServerProcess) -> Iterator[sa.Connection]:
+def admin_connection(server: ServerProcess) -> AbstractContextManager[sa.Connection]:
     """The test's own connection to the server's database, in autocommit mode (named
     locks and ``KILL`` need no transaction; row locks open one explicitly)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
-    finally:
-        engine.dispose()
+    return direct_connection(server, autocommit=True)
 
 
 def stored_tokens(server: ServerProcess) -> list[str]:

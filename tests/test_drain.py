@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import urllib.error
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -228,24 +227,17 @@ def test_drain_refuses_the_events_waiting_for_admission(
 # -- status follows the health probes --------------------------------------------------
 
 
-@pytest.fixture
-def proxy(postgres_url: str) -> Iterator[TcpProxy]:
-    url = sa.engine.make_url(postgres_url)
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
 def test_status_is_unhealthy_while_probes_fail(
     async_mode: str,
     server_factory: ServerFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
 ) -> None:
     """The database behind a proxy that refuses: the moment /healthz answers 503 the
     status (and the Prometheus gauge) says ``unhealthy``, never ``healthy``; back to
     ``healthy`` once a probe succeeds again."""
-    url = sa.engine.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
+    url = sa.engine.make_url(postgres_url).set(host="127.0.0.1", port=pg_proxy.port)
     url = url.update_query_dict({"sslmode": "disable", "connect_timeout": "2"})
     server = start(
         server_factory,
@@ -253,14 +245,14 @@ def test_status_is_unhealthy_while_probes_fail(
         SQLALCHEMY_DATABASE_URI=schema_url(url.render_as_string(hide_password=False), pg_schema),
     )
     assert healthz(server)[0] == 200 and state(server)["status"] == "healthy"
-    proxy.cut()
+    pg_proxy.cut()
     for _ in range(3):  # each 503 is followed by an unhealthy status, every time
         code, health = healthz(server)
         assert code == 503 and health["healthy"] is False, health
         assert state(server)["status"] == "unhealthy"
     metrics = server.get("/metrics")
     assert 'socketio_dbctx_pool_status{pool_name="default",status="unhealthy"} 1.0' in metrics
-    proxy.restore()
+    pg_proxy.restore()
     wait_for(lambda: healthz(server)[0] == 200, 15, "/healthz to answer 200 again")
     assert state(server)["status"] == "healthy"
     server.wait_checked_out(0)

@@ -11,19 +11,26 @@ between the server and PostgreSQL. Rows are checked straight in the database.
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import socketio
 import sqlalchemy as sa
 from conftest import ServerProcess, schema_url, wait_for
+from eventkit import (
+    ClientFactory,
+    ExtraModule,
+    ServerFactory,
+    assert_error_ack,
+    engine_options,
+    new_token,
+    proxied,
+    servers_stop_first,
+)
 from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres]
@@ -36,43 +43,18 @@ SECRET = "fault-secret-detail"
 OUTAGE_ACK_BOUND = 15.0
 #: Stands for "no ack came" in :func:`call_concurrently` results.
 NO_ACK = "<no ack>"
-#: What a client may see of a failure: no SQL, no exception names, no driver text.
-LEAKY_WORDS = (
-    SECRET,
-    "SELECT",
-    "INSERT",
-    "UPDATE",
-    "fault_",
-    "Error:",
-    "psycopg2",
-    "duplicate key",
-    "division by zero",
-    "Traceback",
-    "terminating connection",
-)
 
-ServerFactory = Callable[..., ServerProcess]
-ClientFactory = Callable[..., socketio.Client]
 Job = tuple[socketio.Client, str, Sequence[Any]]
+
+FAULTS = ExtraModule(NS, "/f/metrics")
+call = FAULTS.call
+fault_metrics = FAULTS.state
+event_stats = FAULTS.event_stats
+runs = FAULTS.runs
+retry_lines = FAULTS.retry_lines
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def engine_options(*, pool_size: int = 5, pool_timeout: float = 5.0, **connect_args: Any) -> Any:
-    """``SQLALCHEMY_ENGINE_OPTIONS`` for the server (the whole dict is replaced)."""
-    return {
-        "pool_size": pool_size,
-        "max_overflow": 0,
-        "pool_timeout": pool_timeout,
-        "connect_args": connect_args,
-    }
-
-
-def call(client: socketio.Client, event: str, *args: Any, timeout: float = 30.0) -> Any:
-    """One ``/f`` call; a missing ack fails the test (socketio's TimeoutError)."""
-    data = None if not args else args[0] if len(args) == 1 else tuple(args)
-    return client.call(event, data, namespace=NS, timeout=timeout)
 
 
 def call_concurrently(jobs: Sequence[Job], timeout: float = 60.0) -> list[tuple[Any, float]]:
@@ -94,79 +76,10 @@ def call_concurrently(jobs: Sequence[Job], timeout: float = 60.0) -> list[tuple[
         return list(pool.map(run, jobs))
 
 
-def fault_metrics(server: ServerProcess) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(server.get("/f/metrics"))
-    return data
-
-
-def event_stats(server: ServerProcess, event: str) -> dict[str, Any]:
-    """``dbctx.metrics()["/f:<event>"]`` from inside the server."""
-    stats: dict[str, Any] = fault_metrics(server)["events"].get(f"{NS}:{event}", {})
-    return stats
-
-
-def runs(server: ServerProcess, event: str, token: str) -> int:
-    """How many times the server ran handler ``event`` for ``token`` (retries included)."""
-    return int(fault_metrics(server)["calls"].get(f"{event}:{token}", 0))
-
-
-def retry_lines(server: ServerProcess, event: str) -> list[tuple[int, int]]:
-    """``(attempt, of)`` of every WARNING retry line the server logged for ``event``."""
-    pattern = re.compile(
-        rf"WARNING socketio_dbctx\.retry: retrying {re.escape(NS)}:{event} for sid \S+ "
-        r"\(attempt (\d+) of (\d+)\)"
-    )
-    return [(int(a), int(b)) for a, b in pattern.findall(server.log())]
-
-
-def assert_error_ack(ack: Any, code: str, retryable: bool) -> None:
-    """``ack`` is the contract's error payload, and gives nothing away."""
-    assert isinstance(ack, dict), ack
-    assert set(ack) == {"error", "message", "retryable"}, ack
-    assert ack["error"] == code, ack
-    assert ack["retryable"] is retryable, ack
-    assert isinstance(ack["message"], str) and ack["message"], ack
-    text = json.dumps(ack)
-    leaked = [word for word in LEAKY_WORDS if word in text]
-    assert not leaked, f"the ack leaks {leaked}: {ack}"
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:16]
-
-
 @pytest.fixture
 def connect_client(connect_client: ClientFactory) -> Iterator[ClientFactory]:
-    """conftest's ``connect_client``, but at teardown the servers stop first.
-
-    A client-side WebSocket close waits up to 3 s for the server's close frame
-    (websocket-client's close timeout), which the threading and gevent servers do
-    not send in time; that alone would double this module's run time. The servers
-    are of no further use once a test has checked them, so they are stopped and the
-    clients see the connection drop.
-    """
-    used: list[tuple[socketio.Client, ServerProcess]] = []
-
-    def connect(server: ServerProcess, namespace: str = NS, **kwargs: Any) -> socketio.Client:
-        client = connect_client(server, namespace, **kwargs)
-        used.append((client, server))
-        return client
-
-    yield connect
-    for server in {id(server): server for _, server in used}.values():
-        server.stop()
-    deadline = time.monotonic() + 10
-    for client, _ in used:
-        while client.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-@pytest.fixture
-def db_check(postgres_url: str, pg_schema: str) -> Iterator[sa.Engine]:
-    """A direct engine on the first server's schema, for checking rows."""
-    engine = sa.create_engine(schema_url(postgres_url, pg_schema), poolclass=sa.pool.NullPool)
-    yield engine
-    engine.dispose()
+    """Clients on ``/f``; the servers stop before the clients disconnect."""
+    yield from servers_stop_first(connect_client, NS)
 
 
 def row_count(engine: sa.Engine, keys: Sequence[str]) -> int:
@@ -215,25 +128,10 @@ def terminate(engine: sa.Engine, pids: Sequence[int]) -> int:
         )
 
 
-@pytest.fixture
-def proxy(postgres_url: str) -> Iterator[TcpProxy]:
-    """A TCP proxy in front of PostgreSQL, forwarding."""
-    url = sa.engine.make_url(postgres_url)
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-def proxied_url(postgres_url: str, schema: str, proxy: TcpProxy) -> str:
-    """The server's database URL through ``proxy`` (no TLS, so COMMITs are visible)."""
-    url = sa.engine.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
-    url = url.update_query_dict({"sslmode": "disable"})
-    return schema_url(url.render_as_string(hide_password=False), schema)
-
-
 def start_proxied(
     server_factory: ServerFactory,
     async_mode: str,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
     **config: Any,
@@ -243,7 +141,7 @@ def start_proxied(
         async_mode,
         extra=EXTRA,
         config={
-            "SQLALCHEMY_DATABASE_URI": proxied_url(postgres_url, pg_schema, proxy),
+            "SQLALCHEMY_DATABASE_URI": proxied(schema_url(postgres_url, pg_schema), pg_proxy),
             # connect_timeout bounds a connect to a server that accepts and never
             # answers; pool_timeout bounds the wait for a pooled connection.
             "SQLALCHEMY_ENGINE_OPTIONS": engine_options(pool_timeout=5.0, connect_timeout=2),
@@ -349,7 +247,7 @@ def test_outage_answers_fast_and_recovers(
     async_mode: str,
     server_factory: ServerFactory,
     connect_client: ClientFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
     db_check: sa.Engine,
@@ -362,15 +260,15 @@ def test_outage_answers_fast_and_recovers(
     ``db_unavailable`` with ``retryable: true`` after its retries, in bounded time and
     with nothing stored; ``@no_retry`` gives up after one run with ``retryable: false``.
     When the proxy is back the same process serves again."""
-    server = start_proxied(server_factory, async_mode, proxy, postgres_url, pg_schema)
+    server = start_proxied(server_factory, async_mode, pg_proxy, postgres_url, pg_schema)
     clients = [connect_client(server, NS) for _ in range(2)]
     assert "id" in call(clients[0], "write", new_token())  # the pool is warm
     pid = server.proc.pid
 
     if how == "cut":
-        proxy.cut()
+        pg_proxy.cut()
     else:
-        proxy.blackhole()
+        pg_proxy.blackhole()
     # 4 at once: within the pool (5), so no call waits for a connection slot
     tokens = [new_token() for _ in range(4)]
     jobs = [(clients[i % len(clients)], "write", (token,)) for i, token in enumerate(tokens)]
@@ -395,7 +293,7 @@ def test_outage_answers_fast_and_recovers(
     server.wait_checked_out(0)
     assert row_count(db_check, [*tokens, token]) == 0
 
-    proxy.restore()
+    pg_proxy.restore()
     after = [new_token() for _ in clients]
     acks = [call(client, "write", token) for client, token in zip(clients, after)]
     assert all(isinstance(ack, dict) and "id" in ack for ack in acks), acks
@@ -494,7 +392,7 @@ def test_connection_lost_during_commit(
     async_mode: str,
     server_factory: ServerFactory,
     connect_client: ClientFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
     db_check: sa.Engine,
@@ -505,16 +403,16 @@ def test_connection_lost_during_commit(
     fresh connection, learns that the COMMIT went through, and acks the first run's
     own result: a plain handler does not run again (its increment would be applied
     twice), and neither does an ``@idempotent`` one (no need: it is done)."""
-    server = start_proxied(server_factory, async_mode, proxy, postgres_url, pg_schema)
+    server = start_proxied(server_factory, async_mode, pg_proxy, postgres_url, pg_schema)
     client = connect_client(server, NS)
     add_counter(db_check, "clicks")
     token = new_token()
     args: tuple[Any, ...] = ("clicks", token) if event == "add_one" else (token, "v1", token)
 
-    proxy.cut_next_commit()
+    pg_proxy.cut_next_commit()
     ack = call(client, event, *args)
 
-    assert proxy.commits_cut == 1
+    assert pg_proxy.commits_cut == 1
     # the first run's own result: the increment it committed / the row was new
     assert ack == (1 if event == "add_one" else {"existed": False}), ack
     assert runs(server, event, token) == 1
@@ -573,11 +471,11 @@ def test_fault_handlers_reject_bad_input(
 # -- the proxy itself ------------------------------------------------------------------
 
 
-def proxy_dsn(proxy: TcpProxy, postgres_url: str, **extra: Any) -> dict[str, Any]:
+def proxy_dsn(pg_proxy: TcpProxy, postgres_url: str, **extra: Any) -> dict[str, Any]:
     url = sa.engine.make_url(postgres_url)
     return {
         "host": "127.0.0.1",
-        "port": proxy.port,
+        "port": pg_proxy.port,
         "user": url.username,
         "dbname": url.database,
         "sslmode": "disable",
@@ -586,52 +484,54 @@ def proxy_dsn(proxy: TcpProxy, postgres_url: str, **extra: Any) -> dict[str, Any
     }
 
 
-def test_proxy_forwards_cuts_and_restores(proxy: TcpProxy, postgres_url: str) -> None:
+def test_proxy_forwards_cuts_and_restores(pg_proxy: TcpProxy, postgres_url: str) -> None:
     import psycopg2
 
-    conn = psycopg2.connect(**proxy_dsn(proxy, postgres_url))
+    conn = psycopg2.connect(**proxy_dsn(pg_proxy, postgres_url))
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 41 + 1")
             assert cur.fetchone() == (42,)
-        assert proxy.active == 1 and proxy.state == "forwarding"
-        port = proxy.port
+        assert pg_proxy.active == 1 and pg_proxy.state == "forwarding"
+        port = pg_proxy.port
 
-        proxy.cut()
+        pg_proxy.cut()
 
-        assert proxy.state == "refusing"
+        assert pg_proxy.state == "refusing"
         with pytest.raises(psycopg2.OperationalError), conn.cursor() as cur:
             cur.execute("SELECT 1")
         with pytest.raises(psycopg2.OperationalError, match="refused"):
-            psycopg2.connect(**proxy_dsn(proxy, postgres_url))
-        proxy.cut()  # idempotent
+            psycopg2.connect(**proxy_dsn(pg_proxy, postgres_url))
+        pg_proxy.cut()  # idempotent
 
-        proxy.restore()
+        pg_proxy.restore()
 
-        assert proxy.port == port and proxy.state == "forwarding"
-        again = psycopg2.connect(**proxy_dsn(proxy, postgres_url))
+        assert pg_proxy.port == port and pg_proxy.state == "forwarding"
+        again = psycopg2.connect(**proxy_dsn(pg_proxy, postgres_url))
         with again.cursor() as cur:
             cur.execute("SELECT 2")
             assert cur.fetchone() == (2,)
         again.close()
     finally:
         conn.close()
-    wait_for(lambda: proxy.active == 0, 5, "the proxy to see both connections closed")
+    wait_for(lambda: pg_proxy.active == 0, 5, "the proxy to see both connections closed")
 
 
-def test_proxy_blackhole_hangs_connects_until_restored(proxy: TcpProxy, postgres_url: str) -> None:
+def test_proxy_blackhole_hangs_connects_until_restored(
+    pg_proxy: TcpProxy, postgres_url: str
+) -> None:
     import psycopg2
 
-    proxy.blackhole()
+    pg_proxy.blackhole()
 
     started = time.monotonic()
     with pytest.raises(psycopg2.OperationalError, match="timeout expired"):
-        psycopg2.connect(**proxy_dsn(proxy, postgres_url))
+        psycopg2.connect(**proxy_dsn(pg_proxy, postgres_url))
     assert time.monotonic() - started >= 1.5  # libpq gave up, the proxy did not answer
-    assert proxy.accepted >= 1
+    assert pg_proxy.accepted >= 1
 
-    proxy.restore()
-    conn = psycopg2.connect(**proxy_dsn(proxy, postgres_url))
+    pg_proxy.restore()
+    conn = psycopg2.connect(**proxy_dsn(pg_proxy, postgres_url))
     with conn.cursor() as cur:
         cur.execute("SELECT 3")
         assert cur.fetchone() == (3,)
@@ -639,22 +539,22 @@ def test_proxy_blackhole_hangs_connects_until_restored(proxy: TcpProxy, postgres
 
 
 def test_proxy_cut_next_commit_applies_it_and_drops_the_reply(
-    proxy: TcpProxy, postgres_url: str, db_check: sa.Engine
+    pg_proxy: TcpProxy, postgres_url: str, db_check: sa.Engine
 ) -> None:
     import psycopg2
 
     with db_check.begin() as conn:
         conn.execute(sa.text("CREATE TABLE t_commit (v int)"))
-    dsn = proxy_dsn(proxy, postgres_url, options=db_check.url.query["options"])
+    dsn = proxy_dsn(pg_proxy, postgres_url, options=db_check.url.query["options"])
     conn = psycopg2.connect(**dsn)
     with conn.cursor() as cur:
         cur.execute("INSERT INTO t_commit VALUES (1)")
 
-    proxy.cut_next_commit()
+    pg_proxy.cut_next_commit()
     with pytest.raises(psycopg2.OperationalError, match="closed the connection"):
         conn.commit()
 
-    assert proxy.commits_cut == 1
+    assert pg_proxy.commits_cut == 1
     with db_check.connect() as check:
         assert check.execute(sa.text("SELECT v FROM t_commit")).scalars().all() == [1]
     # armed once: the next COMMIT goes through
@@ -663,7 +563,7 @@ def test_proxy_cut_next_commit_applies_it_and_drops_the_reply(
         cur.execute("INSERT INTO t_commit VALUES (2)")
     other.commit()
     other.close()
-    assert proxy.commits_cut == 1
+    assert pg_proxy.commits_cut == 1
     with db_check.connect() as check:
         assert sorted(check.execute(sa.text("SELECT v FROM t_commit")).scalars()) == [1, 2]
 

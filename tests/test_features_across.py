@@ -24,6 +24,7 @@ from typing import Any, Callable
 import pytest
 import sqlalchemy as sa
 from conftest import ALL_DATABASES, checked_out, stored_names, wait_for
+from eventkit import InProcess
 from flask import Flask
 from flask_socketio import Namespace, SocketIO, emit
 from flask_sqlalchemy import SQLAlchemy
@@ -65,14 +66,9 @@ def dbctx_factory(app: Flask, db: SQLAlchemy, socketio: SocketIO) -> Callable[..
     return make
 
 
-def call(client: Any, event: str, *args: Any, namespace: str = NS) -> Any:
-    return client.emit(event, *args, namespace=namespace, callback=True)
-
-
-def client_of(socketio: SocketIO, app: Flask, namespace: str = NS) -> Any:
-    client = socketio.test_client(app, namespace=namespace)
-    assert client.is_connected(namespace)
-    return client
+_TEST_CLIENTS = InProcess(NS)
+call = _TEST_CLIENTS.call
+client_of = _TEST_CLIENTS.client_of
 
 
 def received(client: Any, namespace: str = NS) -> list[tuple[str, list[Any]]]:

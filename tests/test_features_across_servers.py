@@ -19,12 +19,21 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import socketio
 import sqlalchemy as sa
 from conftest import ServerProcess, schema_url, wait_for
+from eventkit import (
+    ClientFactory,
+    ExtraModule,
+    ServerFactory,
+    engine_options,
+    new_token,
+    proxied,
+    servers_stop_first,
+)
 from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres]
@@ -36,25 +45,9 @@ STATEMENT_TIMEOUT = 1.0
 #: The contract: every event on a hung database is acked within this.
 HUNG_BOUND = STATEMENT_TIMEOUT + 5.0
 
-ServerFactory = Callable[..., ServerProcess]
-ClientFactory = Callable[..., socketio.Client]
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def call(client: socketio.Client, event: str, data: Any, timeout: float = 30.0) -> Any:
-    return client.call(event, data, namespace=NS, timeout=timeout)
-
-
-def calls(server: ServerProcess) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(server.get("/x/calls"))
-    return data
-
-
-def runs(server: ServerProcess, event: str, token: str) -> int:
-    return int(calls(server)["calls"].get(f"{event}:{token}", 0))
+ACROSS = ExtraModule(NS, "/x/calls")
+call = ACROSS.call
+runs = ACROSS.runs
 
 
 def ops_state(server: ServerProcess) -> dict[str, Any]:
@@ -70,29 +63,8 @@ def assert_error(ack: Any, code: str, retryable: bool) -> None:
 
 @pytest.fixture
 def connect_client(connect_client: ClientFactory) -> Iterator[ClientFactory]:
-    """conftest's ``connect_client``, but at teardown the servers stop first (as in
-    ``tests/test_faults.py``: a client-side WebSocket close would wait up to 3 s)."""
-    used: list[tuple[socketio.Client, ServerProcess]] = []
-
-    def connect(server: ServerProcess, namespace: str = NS, **kwargs: Any) -> socketio.Client:
-        client = connect_client(server, namespace, **kwargs)
-        used.append((client, server))
-        return client
-
-    yield connect
-    for server in {id(server): server for _, server in used}.values():
-        server.stop()
-    deadline = time.monotonic() + 10
-    for client, _ in used:
-        while client.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-@pytest.fixture
-def db_check(postgres_url: str, pg_schema: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(schema_url(postgres_url, pg_schema), poolclass=sa.pool.NullPool)
-    yield engine
-    engine.dispose()
+    """Clients on ``/x``; the servers stop before the clients disconnect."""
+    yield from servers_stop_first(connect_client, NS)
 
 
 def backends(engine: sa.Engine, application_name: str, where: str = "TRUE") -> int:
@@ -120,36 +92,14 @@ def stored(engine: sa.Engine, tokens: list[str]) -> list[str]:
         )
 
 
-def engine_options(application_name: str, pool_size: int = 5, **connect: Any) -> dict[str, Any]:
-    return {
-        "pool_size": pool_size,
-        "max_overflow": 0,
-        "pool_timeout": 5.0,
-        "connect_args": {"application_name": application_name, **connect},
-    }
-
-
 # -- drain while the database hangs ------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(postgres_url: str) -> Iterator[TcpProxy]:
-    url = sa.engine.make_url(postgres_url)
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-def proxied_url(postgres_url: str, schema: str, proxy: TcpProxy) -> str:
-    url = sa.engine.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
-    url = url.update_query_dict({"sslmode": "disable"})
-    return schema_url(url.render_as_string(hide_password=False), schema)
 
 
 def test_a_drain_on_a_hung_database_ends_within_the_watchdog_bound(
     async_mode: str,
     server_factory: ServerFactory,
     connect_client: ClientFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
     db_check: sa.Engine,
@@ -168,8 +118,10 @@ def test_a_drain_on_a_hung_database_ends_within_the_watchdog_bound(
         pool_size=3,
         extra=[*EXTRA, "tests.servers.ops"],
         config={
-            "SQLALCHEMY_DATABASE_URI": proxied_url(postgres_url, pg_schema, proxy),
-            "SQLALCHEMY_ENGINE_OPTIONS": engine_options(app_name, pool_size=3, connect_timeout=2),
+            "SQLALCHEMY_DATABASE_URI": proxied(schema_url(postgres_url, pg_schema), pg_proxy),
+            "SQLALCHEMY_ENGINE_OPTIONS": engine_options(
+                pool_size=3, application_name=app_name, connect_timeout=2
+            ),
             "DBCTX_STATEMENT_TIMEOUT": STATEMENT_TIMEOUT,
             "DBCTX_MAX_RETRIES": 2,
         },
@@ -182,7 +134,7 @@ def test_a_drain_on_a_hung_database_ends_within_the_watchdog_bound(
     server.wait_checked_out(0)
     assert backends(db_check, app_name) == 3
 
-    proxy.partition()
+    pg_proxy.partition()
     tokens = [new_token() for _ in range(3)]
     results: list[tuple[Any, float]] = [(None, 0.0)] * 3
     barrier = threading.Barrier(3)
@@ -225,11 +177,11 @@ def test_a_drain_on_a_hung_database_ends_within_the_watchdog_bound(
     assert [runs(server, "query", token) for token in tokens] == [1, 1, 1]
     server.wait_checked_out(0)
     # the partition still holds: only the server can have closed these connections
-    assert proxy.state == "partition"
+    assert pg_proxy.state == "partition"
     wait_for(
         lambda: backends(db_check, app_name) == 0, 10, "the cut connections' backends to exit"
     )
-    proxy.restore()
+    pg_proxy.restore()
     assert stored(db_check, tokens) == []
 
 
@@ -251,7 +203,7 @@ def test_one_key_on_two_workers_at_once_is_applied_acked_and_broadcast_once(
     watcher on the second worker got the ``placed`` broadcast exactly once (checked
     against a marker each worker broadcasts afterwards)."""
     app_name = f"across-{new_token()}"
-    config = {"SQLALCHEMY_ENGINE_OPTIONS": engine_options(app_name)}
+    config = {"SQLALCHEMY_ENGINE_OPTIONS": engine_options(application_name=app_name)}
     first = server_factory("eventlet", extra=EXTRA, config=config, message_queue=redis_url)
     second = server_factory(
         "gevent", extra=EXTRA, config=config, message_queue=redis_url, share_schema_with=first

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import ALL_DATABASES, checked_out, stored_names
+from eventkit import InProcess
 from flask import Flask, request
 from flask_socketio import Namespace, SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -24,14 +25,9 @@ from socketio_dbctx import (
 NS = "/f"
 
 
-def call(client: Any, event: str, *args: Any, namespace: str = NS) -> Any:
-    return client.emit(event, *args, namespace=namespace, callback=True)
-
-
-def client_of(socketio: SocketIO, app: Flask, namespace: str = NS) -> Any:
-    client = socketio.test_client(app, namespace=namespace)
-    assert client.is_connected(namespace)
-    return client
+_TEST_CLIENTS = InProcess(NS)
+call = _TEST_CLIENTS.call
+client_of = _TEST_CLIENTS.client_of
 
 
 @pytest.fixture

@@ -24,10 +24,10 @@ import pytest
 import socketio
 import sqlalchemy as sa
 from conftest import ALL_DATABASES, ServerProcess, checked_out, wait_for
+from eventkit import assert_error_ack, direct_connection, new_token, servers_stop_first
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
-from test_faults import assert_error_ack
 from test_outcomes import (
     CONFIG,
     EXTRA,
@@ -36,10 +36,8 @@ from test_outcomes import (
     NS,
     Listener,
     call,
-    new_token,
     purge_expired_key_now,
     runs,
-    servers_stop_first,
     start,
     stored,
     written_ack,
@@ -57,19 +55,15 @@ ClientFactory = Callable[..., socketio.Client]
 @pytest.fixture
 def connect_client(connect_client: ClientFactory) -> Iterator[ClientFactory]:
     """Clients on ``/r``; the servers stop before the clients disconnect."""
-    yield from servers_stop_first(connect_client)
+    yield from servers_stop_first(connect_client, NS)
 
 
 def key_rows(server: ServerProcess, key: str) -> int:
     """Rows of ``key`` in the idempotency table (any namespace or event)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            table = sa.Table(IDEMPOTENCY_TABLE, sa.MetaData(), autoload_with=conn)
-            query = sa.select(sa.func.count()).select_from(table).where(table.c.key == key)
-            return int(conn.execute(query).scalar_one())
-    finally:
-        engine.dispose()
+    with direct_connection(server) as conn:
+        table = sa.Table(IDEMPOTENCY_TABLE, sa.MetaData(), autoload_with=conn)
+        query = sa.select(sa.func.count()).select_from(table).where(table.c.key == key)
+        return int(conn.execute(query).scalar_one())
 
 
 def entered(server: ServerProcess) -> list[str]:
@@ -98,8 +92,12 @@ def test_repeat_of_a_key_gets_the_stored_ack_and_keys_are_separate(
     ack = call(first, "keyed_write", {"token": tokens[0], "key": key})
     again = call(second, "keyed_write", {"token": tokens[1], "key": key})
     other_event = call(second, "keyed_other", {"token": tokens[2], "key": key})
-    other_ns = call(keyed_first, "keyed_write", {"token": tokens[3], "key": key}, KEYED_NS)
-    other_ns_again = call(keyed_second, "keyed_write", {"token": tokens[4], "key": key}, KEYED_NS)
+    other_ns = call(
+        keyed_first, "keyed_write", {"token": tokens[3], "key": key}, namespace=KEYED_NS
+    )
+    other_ns_again = call(
+        keyed_second, "keyed_write", {"token": tokens[4], "key": key}, namespace=KEYED_NS
+    )
     no_key = [call(first, "keyed_write", {"token": tokens[5]}) for _ in range(2)]
     int_key = [
         call(client, "keyed_write", {"token": token, "key": 42})

@@ -20,20 +20,27 @@ The helpers here are shared with ``tests/test_idempotency.py``.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
-import time
-import uuid
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import socketio
 import sqlalchemy as sa
-from conftest import ServerProcess, schema_url, wait_for
+from conftest import ON_MARIADB, ServerProcess, schema_url, wait_for
+from eventkit import (
+    ClientFactory,
+    ExtraModule,
+    ServerFactory,
+    assert_error_ack,
+    direct_connection,
+    engine_options,
+    new_token,
+    proxied,
+    servers_stop_first,
+)
 from tcp_proxy import TcpProxy
-from test_faults import assert_error_ack
 
 pytestmark = pytest.mark.server
 
@@ -46,28 +53,15 @@ CONFIG = {"DBCTX_RETRY_DELAY": 0.01, "DBCTX_RETRY_MAX_DELAY": 0.05}
 ACK_TIMEOUT = 30.0
 IDEMPOTENCY_TABLE = "socketio_dbctx_idempotency"
 
-ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
 
-ServerFactory = Callable[..., ServerProcess]
-ClientFactory = Callable[..., socketio.Client]
+RELIABILITY = ExtraModule(NS, "/r/metrics", timeout=ACK_TIMEOUT, runs_by_namespace=True)
+call = RELIABILITY.call
+metrics = RELIABILITY.state
+runs = RELIABILITY.runs
+event_stats = RELIABILITY.event_stats
 
 
 # -- helpers (shared with test_idempotency.py) -----------------------------------------
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def call(
-    client: socketio.Client,
-    event: str,
-    data: dict[str, Any],
-    namespace: str = NS,
-    timeout: float = ACK_TIMEOUT,
-) -> Any:
-    """One call; a missing ack fails the test (socketio's TimeoutError)."""
-    return client.call(event, data, namespace=namespace, timeout=timeout)
 
 
 def written_ack(token: str, event: str = "write", run: int = 1) -> dict[str, Any]:
@@ -75,33 +69,14 @@ def written_ack(token: str, event: str = "write", run: int = 1) -> dict[str, Any
     return {"token": token, "event": event, "run": run}
 
 
-def metrics(server: ServerProcess) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(server.get("/r/metrics"))
-    return data
-
-
-def runs(server: ServerProcess, event: str, token: str, namespace: str = NS) -> int:
-    """How many times the server ran ``event`` for ``token`` (retries included)."""
-    return int(metrics(server)["calls"].get(f"{namespace}:{event}:{token}", 0))
-
-
-def event_stats(server: ServerProcess, event: str, namespace: str = NS) -> dict[str, Any]:
-    stats: dict[str, Any] = metrics(server)["events"].get(f"{namespace}:{event}", {})
-    return stats
-
-
 def stored(server: ServerProcess, token: str) -> int:
     """``r_rows`` rows of ``token``, read on a fresh direct connection (committed only)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.text("SELECT count(*) FROM r_rows WHERE token = :token"), {"token": token}
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
+    with direct_connection(server) as conn:
+        return int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM r_rows WHERE token = :token"), {"token": token}
+            ).scalar_one()
+        )
 
 
 def lost_commit_outcomes(server: ServerProcess, event: str, namespace: str = NS) -> list[str]:
@@ -175,35 +150,8 @@ class Listener:
         wait_for(lambda: self.count(token), 10, "the settling broadcast")
 
 
-def servers_stop_first(connect_client: ClientFactory) -> Iterator[ClientFactory]:
-    """conftest's ``connect_client`` on ``/r``, but at teardown the servers stop first
-    (a client-side WebSocket close otherwise waits up to 3 s for the server)."""
-    used: list[tuple[socketio.Client, ServerProcess]] = []
-
-    def connect(server: ServerProcess, namespace: str = NS, **kwargs: Any) -> socketio.Client:
-        client = connect_client(server, namespace, **kwargs)
-        used.append((client, server))
-        return client
-
-    yield connect
-    for server in {id(server): server for _, server in used}.values():
-        server.stop()
-    deadline = time.monotonic() + 10
-    for client, _ in used:
-        while client.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
 def start(server_factory: ServerFactory, async_mode: str, **config: Any) -> ServerProcess:
     return server_factory(async_mode, extra=EXTRA, config={**CONFIG, **config})
-
-
-def proxied(url: str, proxy: TcpProxy) -> str:
-    """``url`` through ``proxy`` (PostgreSQL without TLS, so COMMITs are visible)."""
-    parsed = sa.engine.make_url(url).set(host="127.0.0.1", port=proxy.port)
-    if parsed.get_backend_name() == "postgresql":
-        parsed = parsed.update_query_dict({"sslmode": "disable"})
-    return parsed.render_as_string(hide_password=False)
 
 
 def start_proxied(
@@ -211,40 +159,18 @@ def start_proxied(
 ) -> ServerProcess:
     """A reliability server whose database connections all go through ``proxy``
     (``server.database_url`` stays the direct URL, for checking rows)."""
-    connect_args = {"connect_timeout": 2}
     return start(
         server_factory,
         async_mode,
         SQLALCHEMY_DATABASE_URI=proxied(database_url, proxy),
-        SQLALCHEMY_ENGINE_OPTIONS={
-            "pool_size": 5,
-            "max_overflow": 0,
-            "pool_timeout": 5.0,
-            "connect_args": connect_args,
-        },
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(connect_timeout=2),
     )
 
 
 @pytest.fixture
-def pg_proxy(postgres_url: str) -> Iterator[TcpProxy]:
-    """A TCP proxy in front of PostgreSQL, forwarding."""
-    url = sa.engine.make_url(postgres_url)
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-@pytest.fixture
-def mysql_proxy(mysql_url: str) -> Iterator[TcpProxy]:
-    """A TCP proxy in front of MariaDB, forwarding."""
-    url = sa.engine.make_url(mysql_url)
-    with TcpProxy(url.host or "127.0.0.1", url.port or 3306) as running:
-        yield running
-
-
-@pytest.fixture
 def connect_client(connect_client: ClientFactory) -> Iterator[ClientFactory]:
-    """See :func:`servers_stop_first`."""
-    yield from servers_stop_first(connect_client)
+    """Clients on ``/r``; the servers stop before the clients disconnect."""
+    yield from servers_stop_first(connect_client, NS)
 
 
 # -- PostgreSQL: resolved through txid_status() ----------------------------------------

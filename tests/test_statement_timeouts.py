@@ -25,17 +25,26 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import socketio
 import sqlalchemy as sa
-from conftest import ServerProcess, schema_url, wait_for
+from conftest import ON_MARIADB, ON_SQLITE, ServerProcess, schema_url, wait_for
+from eventkit import (
+    ClientFactory,
+    ExtraModule,
+    ServerFactory,
+    direct_connection,
+    engine_options,
+    new_token,
+    proxied,
+    servers_stop_first,
+)
+from eventkit import assert_error_ack as assert_any_error_ack
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
@@ -62,26 +71,18 @@ NEVER_HANG = 15.0
 #: Stands for "no ack came" in :func:`call_all` results.
 NO_ACK = "<no ack>"
 
-ON_MARIADB = pytest.mark.parametrize("server_database", ["mariadb"], indirect=True)
-ON_SQLITE = pytest.mark.parametrize("server_database", ["sqlite"], indirect=True)
 
-ServerFactory = Callable[..., ServerProcess]
-ClientFactory = Callable[..., socketio.Client]
+#: What a timeout's ack must not show.
+LEAKY_WORDS = ("pg_sleep", "SLEEP", "SELECT", "tmo_rows", "canceling", "interrupted")
+
+TIMEOUTS = ExtraModule(NS, "/tmo/metrics")
+call = TIMEOUTS.call
+runs = TIMEOUTS.runs
+event_stats = TIMEOUTS.event_stats
+retry_lines = TIMEOUTS.retry_lines
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def call(
-    client: socketio.Client, event: str, *args: Any, namespace: str = NS, timeout: float = 30
-) -> Any:
-    """One call; a missing ack fails the test (socketio's TimeoutError)."""
-    data = None if not args else args[0] if len(args) == 1 else tuple(args)
-    return client.call(event, data, namespace=namespace, timeout=timeout)
 
 
 def timed_call(client: socketio.Client, event: str, *args: Any) -> tuple[Any, float]:
@@ -112,63 +113,22 @@ def server_json(server: ServerProcess, path: str) -> Any:
     return json.loads(server.get(path))
 
 
-def runs(server: ServerProcess, event: str, token: str) -> int:
-    """How many times the server ran handler ``event`` for ``token`` (retries included)."""
-    return int(server_json(server, "/tmo/metrics")["calls"].get(f"{event}:{token}", 0))
-
-
-def event_stats(server: ServerProcess, event: str, namespace: str = NS) -> dict[str, Any]:
-    stats: dict[str, Any] = server_json(server, "/tmo/metrics")["events"].get(
-        f"{namespace}:{event}", {}
-    )
-    return stats
-
-
-def retry_lines(server: ServerProcess, event: str) -> list[str]:
-    """The WARNING retry lines the server logged for ``/tmo:<event>``."""
-    pattern = rf"WARNING socketio_dbctx\.retry: retrying {re.escape(NS)}:{event} for sid .*"
-    return re.findall(pattern, server.log())
-
-
 def stored(server: ServerProcess, tokens: Sequence[str]) -> list[str]:
     """The ``tokens`` that have a committed ``tmo_rows`` row (a fresh direct connection)."""
-    engine = sa.create_engine(server.database_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            found = conn.execute(sa.text("SELECT token FROM tmo_rows")).scalars()
-            return sorted(set(found) & set(tokens))
-    finally:
-        engine.dispose()
+    with direct_connection(server) as conn:
+        found = conn.execute(sa.text("SELECT token FROM tmo_rows")).scalars()
+        return sorted(set(found) & set(tokens))
 
 
 def assert_error_ack(ack: Any, code: str, retryable: bool) -> None:
-    assert isinstance(ack, dict), ack
-    assert set(ack) == {"error", "message", "retryable"}, ack
-    assert ack["error"] == code, ack
-    assert ack["retryable"] is retryable, ack
-    assert isinstance(ack["message"], str) and ack["message"], ack
-    for word in ("pg_sleep", "SLEEP", "SELECT", "tmo_rows", "canceling", "interrupted"):
-        assert word not in ack["message"], f"the ack leaks {word!r}: {ack}"
+    """The contract's error payload, and none of :data:`LEAKY_WORDS` in it."""
+    assert_any_error_ack(ack, code, retryable, leaks=LEAKY_WORDS)
 
 
 @pytest.fixture
 def connect_client(connect_client: ClientFactory) -> Iterator[ClientFactory]:
-    """conftest's ``connect_client``, but at teardown the servers stop first (a client's
-    WebSocket close otherwise waits up to 3 s for the server's close frame)."""
-    used: list[tuple[socketio.Client, ServerProcess]] = []
-
-    def connect(server: ServerProcess, namespace: str = NS, **kwargs: Any) -> socketio.Client:
-        client = connect_client(server, namespace, **kwargs)
-        used.append((client, server))
-        return client
-
-    yield connect
-    for server in {id(server): server for _, server in used}.values():
-        server.stop()
-    deadline = time.monotonic() + 10
-    for client, _ in used:
-        while client.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
+    """Clients on ``/tmo``; the servers stop before the clients disconnect."""
+    yield from servers_stop_first(connect_client, NS)
 
 
 def start(
@@ -373,36 +333,23 @@ def test_sqlite_slow_query_is_interrupted(
 # -- 5, 6. a database that stops answering ----------------------------------------------
 
 
-@pytest.fixture
-def proxy(postgres_url: str) -> Iterator[TcpProxy]:
-    """A TCP proxy in front of PostgreSQL, forwarding."""
-    url = sa.engine.make_url(postgres_url)
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
 def start_proxied(
     server_factory: ServerFactory,
     async_mode: str,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
     application_name: str,
 ) -> ServerProcess:
-    """A server whose database connections all go through ``proxy`` (no TLS)."""
-    url = sa.engine.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
-    url = url.update_query_dict({"sslmode": "disable"})
+    """A server whose database connections all go through ``pg_proxy`` (no TLS)."""
     return start(
         server_factory,
         async_mode,
-        SQLALCHEMY_DATABASE_URI=schema_url(url.render_as_string(hide_password=False), pg_schema),
-        SQLALCHEMY_ENGINE_OPTIONS={
-            "pool_size": 5,
-            "max_overflow": 0,
-            "pool_timeout": 5.0,
-            # bounds a connect to a proxy that accepts and never answers (documented)
-            "connect_args": {"connect_timeout": 2, "application_name": application_name},
-        },
+        SQLALCHEMY_DATABASE_URI=proxied(schema_url(postgres_url, pg_schema), pg_proxy),
+        # connect_timeout bounds a connect to a proxy that accepts and never answers
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(
+            connect_timeout=2, application_name=application_name
+        ),
     )
 
 
@@ -420,7 +367,7 @@ def test_hung_database_acks_every_event_in_bound(
     async_mode: str,
     server_factory: ServerFactory,
     connect_client: ClientFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
 ) -> None:
@@ -432,7 +379,7 @@ def test_hung_database_acks_every_event_in_bound(
     while the partition lasts. Once the network is back, four events at once all
     succeed on their first attempt: the cut connections were discarded, not pooled."""
     server = start_proxied(
-        server_factory, async_mode, proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
+        server_factory, async_mode, pg_proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
     )
     clients = [connect_client(server) for _ in range(2)]
     assert isinstance(call(clients[0], "write", new_token()), dict)  # pool warm
@@ -442,7 +389,7 @@ def test_hung_database_acks_every_event_in_bound(
     try:
         wait_for(lambda: marks(server) >= set(tokens), 10, "4 events waiting at the gate")
 
-        proxy.partition()
+        pg_proxy.partition()
         released = time.monotonic()
         release(server, tokens)
         results = [future.result(timeout=HUNG_BOUND + 15) for future in futures]
@@ -460,7 +407,7 @@ def test_hung_database_acks_every_event_in_bound(
             assert runs(server, "write_gate_slow", token) == 1, (token, acks)
     server.wait_checked_out(0)  # still partitioned: the cut connections were let go
 
-    proxy.restore()
+    pg_proxy.restore()
     retries_before = event_stats(server, "write").get("retries", 0)
     after = [new_token() for _ in range(4)]
     pool, futures = call_all(
@@ -479,7 +426,7 @@ def test_hung_database_acks_every_event_in_bound(
 def commit_into_partition(
     server: ServerProcess,
     client: socketio.Client,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     token: str,
     wait: float = NEVER_HANG,
 ) -> tuple[Any, float]:
@@ -489,7 +436,7 @@ def commit_into_partition(
     pool, futures = call_all([(client, "write_hold_commit", (token,))], timeout=wait)
     try:
         wait_for(lambda: token in marks(server), 10, "the event's COMMIT to be held")
-        proxy.partition()
+        pg_proxy.partition()
         released = time.monotonic()
         release(server, [token])
         ack, at = futures[0].result(timeout=wait + 10)
@@ -503,7 +450,7 @@ def test_commit_without_an_answer_acks_outcome_unknown(
     async_mode: str,
     server_factory: ServerFactory,
     connect_client: ClientFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
 ) -> None:
@@ -515,13 +462,13 @@ def test_commit_without_an_answer_acks_outcome_unknown(
     Back on the network, the row is not there and the next event succeeds on its
     first attempt. (The contract's tighter bound: the test below.)"""
     server = start_proxied(
-        server_factory, async_mode, proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
+        server_factory, async_mode, pg_proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
     )
     client = connect_client(server)
     assert isinstance(call(client, "write", new_token()), dict)  # pool warm
     token = new_token()
 
-    ack, seconds = commit_into_partition(server, client, proxy, token)
+    ack, seconds = commit_into_partition(server, client, pg_proxy, token)
 
     assert ack != NO_ACK, f"no ack {NEVER_HANG}s after the COMMIT went out"
     assert_error_ack(ack, "outcome_unknown", retryable=False)
@@ -532,7 +479,7 @@ def test_commit_without_an_answer_acks_outcome_unknown(
     assert stats["errors"] == 1 and stats["retries"] == 0, stats
     server.wait_checked_out(0)  # still partitioned: the cut connection was let go
 
-    proxy.restore()
+    pg_proxy.restore()
     assert stored(server, [token]) == []  # the COMMIT never reached the database
     after = new_token()
     assert isinstance(call(client, "write", after), dict)
@@ -546,7 +493,7 @@ def test_commit_without_an_answer_acks_outcome_unknown(
 def test_commit_without_an_answer_is_acked_within_timeout_plus_5s(
     server_factory: ServerFactory,
     connect_client: ClientFactory,
-    proxy: TcpProxy,
+    pg_proxy: TcpProxy,
     postgres_url: str,
     pg_schema: str,
 ) -> None:
@@ -554,12 +501,12 @@ def test_commit_without_an_answer_is_acked_within_timeout_plus_5s(
     ``connect_timeout=2``: acked within ``statement_timeout + 5 s`` of the COMMIT (the
     resolution's fresh connection meets the same partition)."""
     server = start_proxied(
-        server_factory, "threading", proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
+        server_factory, "threading", pg_proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
     )
     client = connect_client(server)
     assert isinstance(call(client, "write", new_token()), dict)  # pool warm
 
-    ack, seconds = commit_into_partition(server, client, proxy, new_token(), HUNG_BOUND + 1)
+    ack, seconds = commit_into_partition(server, client, pg_proxy, new_token(), HUNG_BOUND + 1)
 
     assert seconds <= HUNG_BOUND, f"acked {seconds:.2f}s after the COMMIT went out: {ack}"
     assert_error_ack(ack, "outcome_unknown", retryable=False)

@@ -24,50 +24,30 @@ HTTP: ``GET /x/calls`` -> ``{"calls": {...}, "events": dbctx.metrics()}``.
 from __future__ import annotations
 
 import argparse
-import threading
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, jsonify
+from flask import Flask
 from flask_socketio import SocketIO, emit
 from flask_sqlalchemy import SQLAlchemy
 
 import socketio_dbctx
 from socketio_dbctx import DBContext, InvalidRequestError
+from tests.servers.common import RunCounter, add_state_route, text, token_rows
 
 NAMESPACE = "/x"
 
-_calls: dict[str, int] = {}
-_calls_lock = threading.Lock()
-
-
-def _count(event: str, token: str) -> int:
-    key = f"{event}:{token}"
-    with _calls_lock:
-        _calls[key] = _calls.get(key, 0) + 1
-        return _calls[key]
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 60:
-        raise InvalidRequestError(f"{what} must be a string of 1-60 characters")
-    return value
+#: Runs per ``"<event>:<token>"``.
+_runs = RunCounter()
+_count = _runs.count
 
 
 def setup(
     app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
 ) -> None:
-    rows = sa.Table(
-        "x_rows",
-        db.metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("token", sa.String(60), nullable=False, unique=True),
-    )
+    add_row = token_rows(db, "x_rows")
     if hasattr(socketio_dbctx, "idempotency_table"):  # until the key store exists
         socketio_dbctx.idempotency_table(db.metadata)
-
-    def add_row(token: str) -> int:
-        return int(db.session.execute(rows.insert().values(token=token)).inserted_primary_key[0])
 
     @dbctx.on("hold", namespace=NAMESPACE)
     def hold(seconds: float) -> int:
@@ -79,7 +59,7 @@ def setup(
 
     @dbctx.on("query", namespace=NAMESPACE)
     def query(token: str) -> dict[str, int]:
-        run = _count("query", _text(token, "token"))
+        run = _count("query", text(token, "token"))
         db.session.execute(sa.text("SELECT 1"))
         add_row(token)
         return {"run": run}
@@ -87,7 +67,7 @@ def setup(
     @dbctx.on("place", namespace=NAMESPACE)
     @socketio_dbctx.idempotency_key(lambda data: data.get("id"))
     def place(data: dict[str, Any]) -> dict[str, Any]:
-        token = _text(data.get("token"), "token")
+        token = text(data.get("token"), "token")
         _count("place", token)
         row = add_row(token)
         emit("placed", [token, args.port], broadcast=True, namespace=NAMESPACE)
@@ -96,8 +76,4 @@ def setup(
             db.session.execute(sa.text("SELECT pg_advisory_xact_lock(:gate)"), {"gate": gate})
         return {"row": row, "token": token, "port": args.port}
 
-    @app.route("/x/calls")
-    def across_calls() -> Any:
-        with _calls_lock:
-            calls = dict(_calls)
-        return jsonify(calls=calls, events=dbctx.metrics())
+    add_state_route(app, "/x/calls", dbctx, _runs)

@@ -31,58 +31,35 @@ HTTP: ``GET /d/metrics`` -> ``{"events": dbctx.metrics(), "calls": {...}}``.
 from __future__ import annotations
 
 import argparse
-import threading
-from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, jsonify
+from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
 
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
+from tests.servers.common import RunCounter, add_state_route, text, token_rows
 
 NAMESPACE = "/d"
 
 #: Seconds a handler waits for a gate the test holds before giving up.
 GATE_TIMEOUT = 30
 
-_calls: dict[str, int] = {}
-_calls_lock = threading.Lock()
-
-
-def _count(event: str, token: str) -> int:
-    """Record one run of ``event`` for ``token``; return how many runs so far."""
-    key = f"{event}:{token}"
-    with _calls_lock:
-        _calls[key] = _calls.get(key, 0) + 1
-        return _calls[key]
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 60:
-        raise InvalidRequestError(f"{what} must be a string of 1-60 characters")
-    return value
+#: Runs per ``"<event>:<token>"``.
+_runs = RunCounter()
+_count = _runs.count
 
 
 def setup(
     app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
 ) -> None:
-    rows = sa.Table(
-        "d_rows",
-        db.metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("token", sa.String(60), nullable=False, unique=True),
-    )
+    add_row = token_rows(db, "d_rows")
     counters = sa.Table(
         "d_counters",
         db.metadata,
         sa.Column("name", sa.String(60), primary_key=True),
         sa.Column("value", sa.Integer, nullable=False),
     )
-
-    def add_row(token: str) -> int:
-        result = db.session.execute(rows.insert().values(token=token))
-        return int(result.inserted_primary_key[0])
 
     def wait_for_gate(gate: str) -> None:
         got = db.session.execute(
@@ -101,14 +78,14 @@ def setup(
 
     class DatabaseFaults(DBContextNamespace):
         def on_gated_write(self, token: str, gate: str) -> dict[str, int]:
-            run = _count("gated_write", _text(token, "token"))
+            run = _count("gated_write", text(token, "token"))
             row_id = add_row(token)
             connection_id = int(db.session.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
-            wait_for_gate(_text(gate, "gate"))
+            wait_for_gate(text(gate, "gate"))
             return {"id": row_id, "run": run, "connection_id": connection_id}
 
         def on_kill_self(self, token: str, times: int = 1) -> dict[str, int]:
-            run = _count("kill_self", _text(token, "token"))
+            run = _count("kill_self", text(token, "token"))
             if isinstance(times, bool) or not isinstance(times, int) or not 0 <= times <= 5:
                 raise InvalidRequestError("times must be an integer from 0 to 5")
             row_id = add_row(token)
@@ -117,18 +94,18 @@ def setup(
             return {"id": row_id, "run": run}
 
         def on_cross_update(self, token: str, first: str, second: str, gate: str) -> int:
-            run = _count("cross_update", _text(token, "token"))
-            increment(_text(first, "first"))
-            wait_for_gate(_text(gate, "gate"))
-            increment(_text(second, "second"))
+            run = _count("cross_update", text(token, "token"))
+            increment(text(first, "first"))
+            wait_for_gate(text(gate, "gate"))
+            increment(text(second, "second"))
             add_row(token)
             return run
 
         def on_locked_update(self, token: str, name: str) -> int:
-            run = _count("locked_update", _text(token, "token"))
+            run = _count("locked_update", text(token, "token"))
             wait = 1 if run == 1 else GATE_TIMEOUT
             db.session.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {wait}"))
-            increment(_text(name, "name"))
+            increment(text(name, "name"))
             add_row(token)
             return run
 
@@ -141,15 +118,10 @@ def setup(
             return True
 
         def on_sqlite_write(self, token: str) -> dict[str, int]:
-            run = _count("sqlite_write", _text(token, "token"))
+            run = _count("sqlite_write", text(token, "token"))
             if run > 1:
                 db.session.execute(sa.text(f"PRAGMA busy_timeout = {GATE_TIMEOUT * 1000}"))
             return {"id": add_row(token), "run": run}
 
     socketio.on_namespace(DatabaseFaults(NAMESPACE))
-
-    @app.route("/d/metrics")
-    def database_fault_metrics() -> Any:
-        with _calls_lock:
-            calls = dict(_calls)
-        return jsonify(events=dbctx.metrics(), calls=calls)
+    add_state_route(app, "/d/metrics", dbctx, _runs)

@@ -26,11 +26,10 @@ HTTP: ``GET /f/metrics`` -> ``{"events": dbctx.metrics(), "calls": {...}}``.
 from __future__ import annotations
 
 import argparse
-import threading
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, jsonify
+from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
 
@@ -41,28 +40,20 @@ from socketio_dbctx import (
     idempotent,
     no_retry,
 )
+from tests.servers.common import RunCounter, add_state_route, text
 
 NAMESPACE = "/f"
 
 #: The text of the exception ``buggy`` raises; it must never reach a client.
 SECRET = "fault-secret-detail: SELECT card_number FROM wallets"
 
-_calls: dict[str, int] = {}
-_calls_lock = threading.Lock()
-
-
-def _count(event: str, token: str) -> int:
-    """Record one run of ``event`` for ``token``; return how many runs so far."""
-    key = f"{event}:{token}"
-    with _calls_lock:
-        _calls[key] = _calls.get(key, 0) + 1
-        return _calls[key]
+#: Runs per ``"<event>:<token>"``.
+_runs = RunCounter()
+_count = _runs.count
 
 
 def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 100:
-        raise InvalidRequestError(f"{what} must be a string of 1-100 characters")
-    return value
+    return text(value, what, longest=100)
 
 
 def _seconds(value: Any, what: str) -> float:
@@ -186,9 +177,4 @@ def setup(
             return {"existed": existed}
 
     socketio.on_namespace(Faults(NAMESPACE))
-
-    @app.route("/f/metrics")
-    def fault_metrics() -> Any:
-        with _calls_lock:
-            calls = dict(_calls)
-        return jsonify(events=dbctx.metrics(), calls=calls)
+    add_state_route(app, "/f/metrics", dbctx, _runs)

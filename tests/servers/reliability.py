@@ -39,7 +39,6 @@ HTTP: ``GET /r/metrics`` -> ``{"events": dbctx.metrics(), "calls": {...}, "enter
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from typing import Any
 
@@ -50,6 +49,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 import socketio_dbctx
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError, idempotent
+from tests.servers.common import RunCounter, add_state_route, text
 
 NAMESPACE = "/r"
 KEYED_NAMESPACE = "/rk"
@@ -57,26 +57,18 @@ KEYED_NAMESPACE = "/rk"
 #: Seconds a gated run waits for the test to open its gate before it gives up.
 GATE_TIMEOUT = 30.0
 
-_calls: dict[str, int] = {}
+#: Runs per ``"<namespace>:<event>:<token>"``; its lock guards the rest here too.
+_runs = RunCounter()
+_count = _runs.count
+_lock = _runs.lock
 _gates_open: set[str] = set()
 _entered: set[str] = set()
-_lock = threading.Lock()
 #: id(DBAPI connection) -> backend pid, for the ``kill_commit`` commit listener.
 _kill_at_commit: dict[int, int] = {}
 
 
-def _count(namespace: str, event: str, token: str) -> int:
-    """Record one run; return how many runs so far."""
-    key = f"{namespace}:{event}:{token}"
-    with _lock:
-        _calls[key] = _calls.get(key, 0) + 1
-        return _calls[key]
-
-
 def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 100:
-        raise InvalidRequestError(f"{what} must be a string of 1-100 characters")
-    return value
+    return text(value, what, longest=100)
 
 
 def request_key(data: Any) -> Any:
@@ -188,11 +180,7 @@ def setup(
     socketio.on_namespace(Reliability(NAMESPACE))
     socketio.on_namespace(KeyedByClass(KEYED_NAMESPACE))
 
-    @app.route("/r/metrics")
-    def reliability_metrics() -> Any:
-        with _lock:
-            calls, entered = dict(_calls), sorted(_entered)
-        return jsonify(events=dbctx.metrics(), calls=calls, entered=entered)
+    add_state_route(app, "/r/metrics", dbctx, _runs, lambda: {"entered": sorted(_entered)})
 
     @app.route("/r/gate/<name>")
     def open_gate(name: str) -> Any:

@@ -41,7 +41,6 @@ connection, outside any event); ``/tmo/marks`` and ``/tmo/release`` as above.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from typing import Any
 
@@ -52,6 +51,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 import socketio_dbctx
 from socketio_dbctx import DBContext, DBContextNamespace, InvalidRequestError
+from tests.servers.common import RunCounter, add_state_route, text, token_rows
 
 NAMESPACE = "/tmo"
 ATTR_NAMESPACE = "/tmo_attr"
@@ -68,24 +68,12 @@ HOLD_LIMIT = 10.0
 #: ``Connection.info`` key naming the token whose COMMIT is to be held.
 _HOLD_KEY = "tests_timeouts_hold_commit"
 
-_calls: dict[str, int] = {}
+#: Runs per ``"<event>:<token>"``; its lock guards the gate's sets too.
+_runs = RunCounter()
+_count = _runs.count
+_lock = _runs.lock
 _marks: set[str] = set()
 _released: set[str] = set()
-_lock = threading.Lock()
-
-
-def _count(event: str, token: str) -> int:
-    """Record one run of ``event`` for ``token``; return how many runs so far."""
-    key = f"{event}:{token}"
-    with _lock:
-        _calls[key] = _calls.get(key, 0) + 1
-        return _calls[key]
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 60:
-        raise InvalidRequestError(f"{what} must be a string of 1-60 characters")
-    return value
 
 
 def _seconds(value: Any) -> float:
@@ -115,12 +103,7 @@ def _sqlite_rows_per_second() -> float:
 def setup(
     app: Flask, socketio: SocketIO, db: SQLAlchemy, dbctx: DBContext, args: argparse.Namespace
 ) -> None:
-    rows = sa.Table(
-        "tmo_rows",
-        db.metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("token", sa.String(60), nullable=False, unique=True),
-    )
+    add_row = token_rows(db, "tmo_rows")
     with app.app_context():
         engine = db.engine
     dialect = engine.dialect.name
@@ -168,10 +151,6 @@ def setup(
         else:  # pragma: no cover - the tests use the three above
             raise InvalidRequestError(f"no slow statement for {dialect}")
 
-    def add_row(token: str) -> int:
-        result = db.session.execute(rows.insert().values(token=token))
-        return int(result.inserted_primary_key[0])
-
     def read_timeout(conn: sa.Connection) -> dict[str, Any]:
         """The statement timeout in force on ``conn``, in seconds (None: none exists)."""
         if dialect == "postgresql":
@@ -196,35 +175,35 @@ def setup(
         """The handler bodies of both namespaces."""
 
         def on_slow(self, seconds: float, token: str) -> bool:
-            _count("slow", _text(token, "token"))
+            _count("slow", text(token, "token"))
             run_slow(_seconds(seconds))
             return True
 
         @socketio_dbctx.statement_timeout(None)
         def on_slow_off(self, seconds: float, token: str) -> bool:
-            _count("slow_off", _text(token, "token"))
+            _count("slow_off", text(token, "token"))
             run_slow(_seconds(seconds))
             return True
 
         def on_write(self, token: str) -> dict[str, int]:
-            _count("write", _text(token, "token"))
+            _count("write", text(token, "token"))
             return {"id": add_row(token)}
 
         def on_write_then_slow(self, token: str, seconds: float) -> dict[str, int]:
-            _count("write_then_slow", _text(token, "token"))
+            _count("write_then_slow", text(token, "token"))
             row_id = add_row(token)
             run_slow(_seconds(seconds))
             return {"id": row_id}
 
         def on_write_pause_write(self, token: str, seconds: float) -> dict[str, int]:
-            _count("write_pause_write", _text(token, "token"))
+            _count("write_pause_write", text(token, "token"))
             seconds = _seconds(seconds)
             add_row(token)
             socketio.sleep(seconds)  # the transaction is open, no statement waits
             return {"id": add_row(token + "-2")}
 
         def on_write_gate_slow(self, token: str, seconds: float) -> dict[str, int]:
-            _count("write_gate_slow", _text(token, "token"))
+            _count("write_gate_slow", text(token, "token"))
             seconds = _seconds(seconds)
             row_id = add_row(token)
             wait_at_gate(token)
@@ -232,7 +211,7 @@ def setup(
             return {"id": row_id}
 
         def on_write_hold_commit(self, token: str) -> dict[str, int]:
-            _count("write_hold_commit", _text(token, "token"))
+            _count("write_hold_commit", text(token, "token"))
             row_id = add_row(token)
             db.session.connection().info[_HOLD_KEY] = token
             return {"id": row_id}
@@ -275,11 +254,7 @@ def setup(
     def show_function_off() -> dict[str, Any]:
         return read_timeout(db.session.connection())
 
-    @app.route("/tmo/metrics")
-    def timeout_metrics() -> Any:
-        with _lock:
-            calls = dict(_calls)
-        return jsonify(events=dbctx.metrics(), calls=calls)
+    add_state_route(app, "/tmo/metrics", dbctx, _runs)
 
     @app.route("/tmo/outside")
     def outside() -> Any:
