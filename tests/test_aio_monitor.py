@@ -236,7 +236,8 @@ def test_pool_status_pushes_get_status_and_health(
 ) -> None:
     """Pushes every interval with the Flask payload's keys; a held connection shows in
     them; ``get_status`` acks the same payload, ``health`` the health result, and a
-    bad scope or the cluster scope without Redis ``invalid_request``."""
+    bad scope or the cluster scope without Redis ``invalid_request``. The push loop
+    ends when the last subscriber leaves."""
     server = monitor_server(monitor_auth=TOKEN, monitor_interval=INTERVAL)
     worker = worker_client(server)
     assert worker.call("ping", namespace="/a", timeout=10) == 1
@@ -273,6 +274,14 @@ def test_pool_status_pushes_get_status_and_health(
     )
     worker.disconnect()
     server.wait_checked_out(0)
+
+    # nobody listens: no subscriber left, and the push loop ends
+    assert server.state()["loop_running"] is True
+    subscriber.client.disconnect()
+    deadline = time.monotonic() + 5
+    while (state := server.state())["subscribers"] or state["loop_running"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
 
 
 def test_rate_limit_is_one_budget_for_the_process(

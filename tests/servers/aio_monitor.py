@@ -11,7 +11,8 @@ keyword options, e.g. ``monitor_auth``, ``monitor_interval``, ``cluster_redis_ur
 Namespace ``/a`` (an ``AsyncDBContextNamespace``): ``hold(seconds)`` holds a pooled
 connection for ``seconds`` (``pg_sleep``); ``ping()`` runs ``SELECT 1``.
 
-HTTP: ``GET /state`` -> ``{"worker", "pool", "monitor", "subscribers", "cluster"}``;
+HTTP: ``GET /state`` -> ``{"worker", "pool", "monitor", "subscribers",
+"loop_running", "cluster"}``;
 ``GET /metrics`` -> the Prometheus text of this server's own registry; ``GET /stop`` ->
 stops the cluster view (``{"stopped": bool}``).
 """
@@ -78,6 +79,7 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "pool": dbctx.pool_status(),
                 "monitor": monitor is not None,
                 "subscribers": monitor.subscribers if monitor else 0,
+                "loop_running": monitor.loop_running if monitor else False,
                 "cluster": monitor is not None and monitor.cluster is not None,
             }
         data = json.dumps(body).encode()
