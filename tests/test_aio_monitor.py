@@ -3,10 +3,11 @@
 python-socketio clients of ``/monitor`` over WebSocket.
 
 Covered: the monitor's auth (refused, accepted, not registered without
-``monitor_auth``); the ``pool_status`` push (at once, then every interval) with the
-Flask version's keys at every level; ``get_status`` (local, bad scope, cluster without
-Redis), ``health`` and the rate limit; the Prometheus text with the Flask collector's
-metric names, types and labels; two uvicorn servers on one Redis (one through an
+``monitor_auth``); the ``pool_status`` push (at once, then every interval, none once
+nobody listens) with the Flask version's keys at every level; ``get_status`` (local,
+bad scope, cluster without Redis), ``health`` and the rate limit; ``unhealthy`` while
+the health probes fail; the Prometheus text with the Flask collector's metric names,
+types and labels; two uvicorn servers on one Redis (one through an
 ``AsyncRedisManager``, one through ``cluster_redis_url``) giving ``cluster_status``
 with both workers and the right totals, and a killed one dropping out within three
 intervals.
@@ -89,14 +90,17 @@ def monitor_server(postgres_url: str, tmp_path: Path) -> Iterator[Factory]:
     started: list[MonitorServer] = []
 
     def start(
-        pool: str = "5,0,30", redis_manager: str | None = None, **options: Any
+        pool: str = "5,0,30",
+        redis_manager: str | None = None,
+        database_url: str | None = None,
+        **options: Any,
     ) -> MonitorServer:
         port = free_port()
         log = tmp_path / f"aio-monitor-{port}.log"
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "AIO_DATABASE_URL": asyncpg_url(postgres_url),
+            "AIO_DATABASE_URL": database_url or asyncpg_url(postgres_url),
             "AIO_POOL": pool,
             "AIO_OPTIONS": json.dumps(options),
         }
@@ -282,6 +286,32 @@ def test_pool_status_pushes_get_status_and_health(
     while (state := server.state())["subscribers"] or state["loop_running"]:
         assert time.monotonic() < deadline, state
         time.sleep(0.05)
+
+
+def test_status_is_unhealthy_while_probes_fail(
+    monitor_server: Factory, subscribe: Callable[..., MonitorClient], postgres_url: str
+) -> None:
+    """A database nobody answers for: while somebody watches, the push loop probes it
+    and the pushes say ``unhealthy`` (never ``healthy`` while health says no); the
+    ``health`` ack names no URL."""
+    dead = sa.engine.make_url(asyncpg_url(postgres_url)).set(host="127.0.0.1", port=free_port())
+    server = monitor_server(
+        database_url=dead.render_as_string(hide_password=False),
+        monitor_auth=TOKEN,
+        monitor_interval=INTERVAL,
+    )
+    subscriber = subscribe(server, {"token": TOKEN})
+    unhealthy = subscriber.wait(
+        POOL_STATUS, lambda p: p["status"] == "unhealthy", 5, "an unhealthy push"
+    )
+    assert unhealthy.data["pools"]["default"]["status"] == "unhealthy"
+    health = subscriber.call("health")
+    assert health["healthy"] is False and health["error"], health
+    assert str(dead.port) not in json.dumps(health) and "postgresql" not in json.dumps(health)
+    mark = subscriber.mark()
+    pushes = subscriber.wait_pushes(2, timeout=5, since=mark)
+    assert all(p.data["status"] == "unhealthy" for p in pushes), pushes
+    server.wait_checked_out(0)
 
 
 def test_rate_limit_is_one_budget_for_the_process(
