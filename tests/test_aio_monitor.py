@@ -359,13 +359,32 @@ def test_prometheus_has_the_flask_metric_names_types_and_labels(
     server.wait_checked_out(0)
 
 
-def test_register_needs_the_app_for_a_flask_dbctx() -> None:
+def test_register_takes_an_async_dbctx_without_an_app(postgres_url: str) -> None:
+    """``register(async_dbctx, registry)`` (positional or keyword) needs no app and no
+    database for the pool series; a Flask ``DBContext`` still needs its app."""
+    pytest.importorskip("asyncpg", reason="the test extra installs asyncpg")
     from flask_socketio import SocketIO
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, generate_latest
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
     from socketio_dbctx import ContextSetupError, DBContext
+    from socketio_dbctx.aio import AsyncDBContext
     from socketio_dbctx.prometheus import register
 
+    engine = create_async_engine(asyncpg_url(postgres_url), pool_size=3, max_overflow=1)
+    dbctx = AsyncDBContext(socketio.AsyncServer(async_mode="asgi"), async_sessionmaker(engine))
+    assert dbctx.monitor is None  # no monitor_auth: no /monitor
+    for how in ("positional", "keyword"):
+        registry = CollectorRegistry()
+        if how == "positional":
+            register(dbctx, registry)
+        else:
+            register(dbctx, registry=registry)
+        text = generate_latest(registry).decode()
+        assert 'db_client_connection_max{pool_name="default"} 4.0' in text, text
+        assert "socketio_dbctx_leaks_total 0.0" in text
+    with pytest.raises(TypeError, match="two registries"):
+        register(dbctx, CollectorRegistry(), CollectorRegistry())
     with pytest.raises(ContextSetupError, match="needs the app"):
         register(DBContext(socketio=SocketIO()), registry=CollectorRegistry())
 
