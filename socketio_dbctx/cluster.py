@@ -6,17 +6,23 @@ worker drops out on its own. Each worker reads all the keys to build
 ``cluster_status`` and pushes it to its own ``/monitor`` subscribers only. Redis
 being away is logged once and survived: local monitoring goes on and the cluster
 view comes back with Redis.
+
+:class:`ClusterRules` is everything but the I/O: the key layout, the expiry, the
+payload and totals, the capacity warning, Redis-away logging. :class:`ClusterView`
+(sync ``redis``, the Flask stack) and :class:`AsyncClusterView` (``redis.asyncio``,
+``socketio_dbctx.aio``) only read and write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import text
@@ -28,7 +34,14 @@ from .shapes import ClusterPayload, FleetTotals, MonitorPayload
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-__all__ = ["KEY_PREFIX", "ClusterView", "cluster_redis_url", "fleet_totals"]
+__all__ = [
+    "KEY_PREFIX",
+    "AsyncClusterView",
+    "ClusterRules",
+    "ClusterView",
+    "cluster_redis_url",
+    "fleet_totals",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +49,13 @@ KEY_PREFIX = "socketio_dbctx:"
 
 
 def cluster_redis_url(configured: str | None, socketio: Any) -> str | None:
-    """``DBCTX_CLUSTER_REDIS_URL``, else the Socket.IO message queue's URL when it is Redis."""
+    """``DBCTX_CLUSTER_REDIS_URL``, else the Socket.IO message queue's URL when it is Redis
+    (``socketio``: Flask-SocketIO's ``SocketIO``, or python-socketio's ``AsyncServer``
+    with an ``AsyncRedisManager``)."""
     if configured:
         return configured
-    manager = getattr(getattr(socketio, "server", None), "manager", None)
+    server = getattr(socketio, "server", None) or socketio
+    manager = getattr(server, "manager", None)
     url = getattr(manager, "redis_url", None)
     if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
         return url
@@ -65,7 +81,109 @@ def fleet_totals(workers: Mapping[str, Mapping[str, Any]]) -> FleetTotals:
     }
 
 
-class ClusterView:
+class ClusterRules:
+    """What both cluster views share: the key layout, the expiry, payload and totals,
+    the capacity warning and the logging of Redis going away and coming back.
+
+    :param worker: this worker's id (``host:pid``).
+    :param interval: seconds between rounds (``DBCTX_MONITOR_INTERVAL``).
+    """
+
+    #: the pattern of every worker's key
+    MATCH = f"{KEY_PREFIX}worker:*"
+
+    def __init__(self, worker: str, interval: float) -> None:
+        self.interval = interval
+        self.worker = worker
+        self.key = f"{KEY_PREFIX}worker:{worker}"
+        self.max_connections: int | None = None
+        #: a worker's key expires after three intervals: a dead worker drops out
+        self.ttl_ms = max(1, math.ceil(interval * 3 * 1000))
+        #: Redis socket timeouts: never longer than a round
+        self.redis_timeout = max(0.5, min(2.0, interval))
+        self._redis_down = False
+        self._warned_capacity = False
+        self._stopped = False
+
+    @staticmethod
+    def encode(payload: MonitorPayload) -> str:
+        """A payload as stored in Redis."""
+        return json.dumps(payload, default=str)
+
+    @staticmethod
+    def decode(values: list[Any]) -> dict[str, MonitorPayload]:
+        """Stored payloads (``None`` for a key that expired meanwhile), by worker."""
+        found: dict[str, MonitorPayload] = {}
+        for value in values:
+            if value is not None:
+                payload = json.loads(value)
+                found[str(payload.get("worker"))] = payload
+        return found
+
+    def redis_failed(self, exc: BaseException) -> None:
+        """Log the first failure of a run of them."""
+        if not self._redis_down:
+            self._redis_down = True
+            logger.warning(
+                "cluster view: Redis unavailable (%s: %s); local monitoring goes on",
+                type(exc).__name__,
+                exc,
+            )
+
+    def redis_answered(self, what: str) -> None:
+        """Log Redis coming back."""
+        if self._redis_down:
+            self._redis_down = False
+            logger.info("cluster view: Redis is back (%s)", what)
+
+    def view(
+        self, workers: dict[str, MonitorPayload] | None, own: Callable[[], MonitorPayload]
+    ) -> ClusterPayload:
+        """The ``cluster_status`` payload from the workers read (``None``: Redis is
+        away, and the view is this worker's alone, from ``own``)."""
+        error = None
+        if workers is None:
+            workers = {self.worker: own()}
+            error = "redis unavailable: showing this worker only"
+        totals = fleet_totals(workers)
+        totals["max_connections"] = self.max_connections
+        status = worst_status([str(w.get("status", "unknown")) for w in workers.values()])
+        result: ClusterPayload = {
+            "timestamp": time.time(),
+            "status": "unknown" if error else status,
+            "workers": workers,
+            "totals": totals,
+        }
+        if error:
+            result["error"] = error
+        return result
+
+    def check_capacity(self, totals: FleetTotals) -> None:
+        """Warn once when the fleet's pools can open more connections than the server
+        allows."""
+        capacity, limit = totals.get("capacity"), self.max_connections
+        if limit is None or capacity is None or self._warned_capacity:
+            return
+        if capacity > limit:
+            self._warned_capacity = True
+            logger.warning(
+                "%d workers x their pool capacity = %d connections, more than PostgreSQL's "
+                "max_connections = %d: the fleet can exhaust the server; lower pool_size/"
+                "max_overflow or raise max_connections",
+                totals["workers"],
+                capacity,
+                limit,
+            )
+
+    def nap(self, deadline: float) -> float:
+        """How long to sleep now on the way to ``deadline``: short naps, so a stop does
+        not wait a whole interval; 0 when the round is due or the view stopped."""
+        if self._stopped:
+            return 0.0
+        return min(0.25, max(0.0, deadline - time.monotonic()))
+
+
+class ClusterView(ClusterRules):
     """Publishes this worker's payload and reads everybody's, every ``interval``.
 
     It knows nothing of the monitor: it is given callables.
@@ -100,20 +218,13 @@ class ClusterView:
                 "or leave DBCTX_CLUSTER_REDIS_URL unset and use no Redis message queue"
             ) from exc
 
-        self.interval = interval
-        self.worker = worker
-        self.key = f"{KEY_PREFIX}worker:{self.worker}"
-        self.max_connections: int | None = None
-        self._ttl_ms = max(1, math.ceil(self.interval * 3 * 1000))
-        timeout = max(0.5, min(2.0, self.interval))
+        super().__init__(worker, interval)
+        timeout = self.redis_timeout
         self._redis = redis.Redis.from_url(
             redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._payload, self._push, self._engine = payload, push, engine
         self._sleep = sleep
-        self._redis_down = False
-        self._warned_capacity = False
-        self._stopped = False
         self._ended = threading.Event()
         spawn(self._loop)
 
@@ -123,59 +234,32 @@ class ClusterView:
         try:
             result = func()
         except Exception as exc:
-            if not self._redis_down:
-                self._redis_down = True
-                logger.warning(
-                    "cluster view: Redis unavailable (%s: %s); local monitoring goes on",
-                    type(exc).__name__,
-                    exc,
-                )
+            self.redis_failed(exc)
             raise
-        if self._redis_down:
-            self._redis_down = False
-            logger.info("cluster view: Redis is back (%s)", what)
+        self.redis_answered(what)
         return result
 
     def publish(self, payload: MonitorPayload) -> None:
         """Write this worker's payload, expiring after three intervals."""
-        data = json.dumps(payload, default=str)
-        self._redis_call("publish", lambda: self._redis.set(self.key, data, px=self._ttl_ms))
+        data = self.encode(payload)
+        self._redis_call("publish", lambda: self._redis.set(self.key, data, px=self.ttl_ms))
 
     def workers(self) -> dict[str, MonitorPayload]:
         """Every live worker's last payload, by ``host:pid``."""
 
         def read() -> dict[str, MonitorPayload]:
-            keys = sorted(self._redis.scan_iter(match=f"{KEY_PREFIX}worker:*", count=100))
-            values = self._redis.mget(keys) if keys else []
-            found: dict[str, MonitorPayload] = {}
-            for value in values:
-                if value is not None:
-                    payload = json.loads(value)
-                    found[str(payload.get("worker"))] = payload
-            return found
+            keys = sorted(self._redis.scan_iter(match=self.MATCH, count=100))
+            return self.decode(self._redis.mget(keys) if keys else [])
 
         return self._redis_call("read", read)  # type: ignore[no-any-return]
 
     def payload(self) -> ClusterPayload:
         """The ``cluster_status`` payload (from this worker alone while Redis is away)."""
-        error = None
         try:
-            workers = self.workers()
+            workers: dict[str, MonitorPayload] | None = self.workers()
         except Exception:
-            workers = {self.worker: self._payload()}
-            error = "redis unavailable: showing this worker only"
-        totals = fleet_totals(workers)
-        totals["max_connections"] = self.max_connections
-        status = worst_status([str(w.get("status", "unknown")) for w in workers.values()])
-        result: ClusterPayload = {
-            "timestamp": time.time(),
-            "status": "unknown" if error else status,
-            "workers": workers,
-            "totals": totals,
-        }
-        if error:
-            result["error"] = error
-        return result
+            workers = None
+        return self.view(workers, self._payload)
 
     # -- loop -----------------------------------------------------------------------
 
@@ -188,21 +272,6 @@ class ClusterView:
                 self.max_connections = int(conn.execute(text("SHOW max_connections")).scalar_one())
         except Exception:
             logger.warning("cluster view: could not read max_connections", exc_info=True)
-
-    def _check_capacity(self, totals: FleetTotals) -> None:
-        capacity, limit = totals.get("capacity"), self.max_connections
-        if limit is None or capacity is None or self._warned_capacity:
-            return
-        if capacity > limit:
-            self._warned_capacity = True
-            logger.warning(
-                "%d workers x their pool capacity = %d connections, more than PostgreSQL's "
-                "max_connections = %d: the fleet can exhaust the server; lower pool_size/"
-                "max_overflow or raise max_connections",
-                totals["workers"],
-                capacity,
-                limit,
-            )
 
     @property
     def running(self) -> bool:
@@ -231,18 +300,131 @@ class ClusterView:
                     with contextlib.suppress(Exception):
                         self.publish(self._payload())
                     cluster = self.payload()
-                    self._check_capacity(cluster["totals"])
+                    self.check_capacity(cluster["totals"])
                     self._push(cluster)
                 except Exception:
                     logger.debug("cluster round failed", exc_info=True)
-                self._sleep_unless_stopped()
+                deadline = time.monotonic() + self.interval
+                while nap := self.nap(deadline):
+                    self._sleep(nap)
             with contextlib.suppress(Exception):
                 self._redis.delete(self.key)  # leave the fleet at once, not after 3 intervals
         finally:
             self._ended.set()
 
-    def _sleep_unless_stopped(self) -> None:
-        # short naps, so stop() does not wait a whole interval
-        deadline = time.monotonic() + self.interval
-        while not self._stopped and time.monotonic() < deadline:
-            self._sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+class AsyncClusterView(ClusterRules):
+    """:class:`ClusterView` for an asyncio server, on ``redis.asyncio``: the same keys,
+    expiry, payload and rounds. Call :meth:`start` with a running loop.
+
+    :param redis_url: where the snapshots live.
+    :param worker: this worker's id (``host:pid``).
+    :param interval: seconds between rounds.
+    :param payload: returns this worker's monitor payload.
+    :param push: awaited with each ``cluster_status`` payload.
+    :param max_connections: awaited once; the database's ``max_connections`` or None.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        worker: str,
+        interval: float,
+        payload: Callable[[], MonitorPayload],
+        push: Callable[[ClusterPayload], Awaitable[Any]],
+        max_connections: Callable[[], Awaitable[int | None]],
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:
+            raise ContextSetupError(
+                "the cluster view needs the redis package: pip install 'socketio-dbctx[redis]', "
+                "or leave cluster_redis_url unset and use no AsyncRedisManager"
+            ) from exc
+
+        super().__init__(worker, interval)
+        timeout = self.redis_timeout
+        self._redis = aioredis.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._payload, self._push, self._max_connections = payload, push, max_connections
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the rounds as a task of the running loop (once)."""
+        if self._task is None and not self._stopped:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _redis_call(self, what: str, coro: Awaitable[Any]) -> Any:
+        try:
+            result = await coro
+        except Exception as exc:
+            self.redis_failed(exc)
+            raise
+        self.redis_answered(what)
+        return result
+
+    async def publish(self, payload: MonitorPayload) -> None:
+        """Write this worker's payload, expiring after three intervals."""
+        await self._redis_call(
+            "publish", self._redis.set(self.key, self.encode(payload), px=self.ttl_ms)
+        )
+
+    async def workers(self) -> dict[str, MonitorPayload]:
+        """Every live worker's last payload, by ``host:pid``."""
+
+        async def read() -> dict[str, MonitorPayload]:
+            keys = sorted(
+                [key async for key in self._redis.scan_iter(match=self.MATCH, count=100)]
+            )
+            return self.decode(await self._redis.mget(keys) if keys else [])
+
+        return await self._redis_call("read", read())  # type: ignore[no-any-return]
+
+    async def payload(self) -> ClusterPayload:
+        """The ``cluster_status`` payload (from this worker alone while Redis is away)."""
+        try:
+            workers: dict[str, MonitorPayload] | None = await self.workers()
+        except Exception:
+            workers = None
+        return self.view(workers, self._payload)
+
+    @property
+    def running(self) -> bool:
+        """True from :meth:`start` until the loop has ended."""
+        return self._task is not None and not self._task.done()
+
+    async def stop(self, timeout: float | None = None) -> bool:
+        """End the loop after its current round (this worker leaves the fleet at once);
+        wait up to ``timeout`` seconds. True when it has ended."""
+        self._stopped = True
+        task = self._task
+        if task is not None and timeout is not None and not task.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        return not self.running
+
+    async def _loop(self) -> None:
+        try:
+            try:
+                self.max_connections = await self._max_connections()
+            except Exception:
+                logger.warning("cluster view: could not read max_connections", exc_info=True)
+            while not self._stopped:
+                try:
+                    with contextlib.suppress(Exception):
+                        await self.publish(self._payload())
+                    cluster = await self.payload()
+                    self.check_capacity(cluster["totals"])
+                    await self._push(cluster)
+                except Exception:
+                    logger.debug("cluster round failed", exc_info=True)
+                deadline = time.monotonic() + self.interval
+                while nap := self.nap(deadline):
+                    await asyncio.sleep(nap)
+            with contextlib.suppress(Exception):
+                await self._redis.delete(self.key)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()

@@ -6,6 +6,10 @@ every ``DBCTX_MONITOR_INTERVAL`` seconds while it stays connected. One loop per
 process does the pushing, and only while somebody listens. The namespace touches
 no pooled connection for its own bookkeeping and is never held back by admission,
 so it keeps answering when the pool is full.
+
+The rules here (:func:`check_auth`, :class:`CallBudgets`, :func:`status_scope`, the
+acks) are also those of the asyncio monitor, ``socketio_dbctx.aio.monitor``; the
+payload is :func:`socketio_dbctx.state.monitor_payload` in both.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, Literal, Union
 
 from flask import Flask, current_app, request
 from flask_socketio import Namespace
@@ -26,7 +30,15 @@ from .health import start_probe
 from .shapes import ClusterPayload, ErrorAck, HealthResult, MonitorPayload
 from .state import AppState, app_state
 
-__all__ = ["MonitorNamespace", "check_auth"]
+__all__ = [
+    "CallBudgets",
+    "MonitorNamespace",
+    "busy_ack",
+    "check_auth",
+    "no_cluster_ack",
+    "status_scope",
+    "warn_if_open",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +65,39 @@ def check_auth(setting: Any, auth: Any) -> bool:
     return False
 
 
+def warn_if_open(monitor_auth: Any, namespace: str) -> None:
+    """Log the start-up warning of a monitor open to everybody (``auth=False``)."""
+    if monitor_auth is False:
+        logger.warning(
+            "DBCTX_MONITOR_AUTH is False: %s is open to anyone who can connect", namespace
+        )
+
+
+def busy_ack() -> ErrorAck:
+    """The ack of a ``get_status``/``health`` call beyond its budget."""
+    return error_payload(BusyError("too many monitor calls"), expose=False)
+
+
+def no_cluster_ack() -> ErrorAck:
+    """The ack of ``get_status({"scope": "cluster"})`` without a cluster view."""
+    return error_payload(
+        InvalidRequestError("the cluster view needs a Redis message queue"), expose=False
+    )
+
+
+def status_scope(data: Any) -> Union[Literal["local", "cluster"], ErrorAck]:  # noqa: UP007
+    """What a ``get_status`` call asks for: nothing (or ``{"scope": "local"}``) is this
+    worker's payload, ``{"scope": "cluster"}`` the cluster view; anything else gets an
+    ``invalid_request`` ack."""
+    if data is None or data == {} or data == {"scope": "local"}:
+        return "local"
+    if data == {"scope": "cluster"}:
+        return "cluster"
+    return error_payload(
+        InvalidRequestError("get_status takes nothing or {'scope': 'cluster'}"), expose=False
+    )
+
+
 def _sid() -> str:
     # Flask-SocketIO sets request.sid on its per-event request context
     sid: str = getattr(request, "sid")  # noqa: B009 - unknown to type checkers
@@ -67,6 +112,42 @@ class _Bucket:
     def __init__(self, capacity: float) -> None:
         self.tokens = capacity
         self.stamp = time.monotonic()
+
+
+class CallBudgets:
+    """The rate limits of ``get_status``/``health``: one token bucket per budget key
+    (``rate`` calls per second, burst ``rate``), each sid counted against the key it
+    joined with. A budget outlives its clients, so reconnecting does not refill it."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._budget_of: dict[str, Hashable] = {}
+        self._lock = threading.Lock()
+
+    def join(self, sid: str, key: Hashable) -> None:
+        """Count ``sid``'s calls against budget ``key``."""
+        with self._lock:
+            self._budget_of[sid] = key
+
+    def leave(self, sid: str) -> None:
+        """Forget ``sid`` (its budget stays)."""
+        with self._lock:
+            self._budget_of.pop(sid, None)
+
+    def allow(self, sid: str, rate: float) -> bool:
+        """Take a token from ``sid``'s budget; False when it is empty."""
+        now = time.monotonic()
+        with self._lock:
+            key = self._budget_of.get(sid)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(rate)
+            bucket.tokens = min(rate, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+            if bucket.tokens < 1:
+                return False
+            bucket.tokens -= 1
+            return True
 
 
 class MonitorNamespace(Namespace):  # type: ignore[misc]
@@ -100,8 +181,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     def __init__(self, namespace: str = "/monitor") -> None:
         super().__init__(namespace)
         self._subscribers: dict[str, Flask] = {}
-        self._buckets: dict[Hashable, _Bucket] = {}
-        self._budget_of: dict[str, Hashable] = {}
+        self._budgets = CallBudgets()
         self._lock = threading.Lock()
         self._loop_running = False
 
@@ -112,18 +192,7 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
         return app, app_state(app, self.socketio)
 
     def _allow(self, sid: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            key = self._budget_of.get(sid)
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = _Bucket(self.rate)
-            bucket.tokens = min(self.rate, bucket.tokens + (now - bucket.stamp) * self.rate)
-            bucket.stamp = now
-            if bucket.tokens < 1:
-                return False
-            bucket.tokens -= 1
-            return True
+        return self._budgets.allow(sid, self.rate)
 
     def _emit_to(self, sid: str, payload: Mapping[str, Any], event: str = "pool_status") -> None:
         # ignore_queue: a push is for this worker's own subscriber only, never via the queue
@@ -149,9 +218,9 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
         sid = _sid()
         budget = self.budget_key(auth)
         first = state.payload(app)  # before subscribing: if this fails, nobody is left behind
+        self._budgets.join(sid, budget)
         with self._lock:
             self._subscribers[sid] = app
-            self._budget_of[sid] = budget
             start = not self._loop_running
             self._loop_running = True
         self._emit_to(sid, first)
@@ -162,8 +231,8 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     def on_disconnect(self, reason: Any = None) -> None:
         with self._lock:
             self._subscribers.pop(_sid(), None)
-            # the budget stays: reconnecting must not refill it
-            self._budget_of.pop(_sid(), None)
+        # the budget stays: reconnecting must not refill it
+        self._budgets.leave(_sid())
 
     def _loop(self, interval: float) -> None:
         """Push a snapshot to every local subscriber each interval; end with the last."""
@@ -214,23 +283,18 @@ class MonitorNamespace(Namespace):  # type: ignore[misc]
     def on_get_status(self, data: Any = None) -> MonitorPayload | ClusterPayload | ErrorAck:
         app, state = self._state()
         if not self._allow(_sid()):
-            return error_payload(BusyError("too many monitor calls"), expose=False)
-        if data is not None and data != {} and data != {"scope": "local"}:
-            if data == {"scope": "cluster"}:
-                if state.cluster is not None:
-                    return state.cluster.payload()  # type: ignore[no-any-return]
-                return error_payload(
-                    InvalidRequestError("the cluster view needs a Redis message queue"),
-                    expose=False,
-                )
-            return error_payload(
-                InvalidRequestError("get_status takes nothing or {'scope': 'cluster'}"),
-                expose=False,
-            )
+            return busy_ack()
+        scope = status_scope(data)
+        if scope == "cluster":
+            if state.cluster is None:
+                return no_cluster_ack()
+            return state.cluster.payload()  # type: ignore[no-any-return]
+        if scope != "local":
+            return scope
         return state.payload(app)
 
     def on_health(self, data: Any = None) -> HealthResult | ErrorAck:
         if not self._allow(_sid()):
-            return error_payload(BusyError("too many monitor calls"), expose=False)
+            return busy_ack()
         app, state = self._state()
         return state.health(app, 2.0)

@@ -18,12 +18,16 @@ Usage::
     from socketio_dbctx.prometheus import register, metrics_response
     register(dbctx, app)
     app.add_url_rule("/metrics", "metrics", metrics_response)
+
+With ``socketio_dbctx.aio``, the same metrics of an ``AsyncDBContext`` (no app)::
+
+    register(async_dbctx)                  # or register(async_dbctx, registry=registry)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from flask import Flask, Response
 
@@ -42,12 +46,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from .errors import ContextSetupError
-from .metrics import BUCKETS
+from .leaks import PoolTracker
+from .metrics import BUCKETS, EventMetrics
 from .pool import STATUSES
+from .shapes import PoolStatus
 from .state import app_state
 
 if TYPE_CHECKING:
+    from .aio import AsyncDBContext
     from .extension import DBContext
+
+    AnyDBContext = Union[DBContext, AsyncDBContext]
 
 __all__ = ["DBContextCollector", "metrics_response", "register"]
 
@@ -55,17 +64,33 @@ __all__ = ["DBContextCollector", "metrics_response", "register"]
 class DBContextCollector:
     """Reads one app's pool dicts and event metrics whenever Prometheus scrapes.
 
-    :param dbctx: the extension.
-    :param app: the app whose numbers to export.
+    :param dbctx: the extension: a ``DBContext``, or an ``AsyncDBContext``
+        (``socketio_dbctx.aio``, then without ``app``).
+    :param app: the app whose numbers to export (``DBContext`` only).
     """
 
-    def __init__(self, dbctx: DBContext, app: Flask) -> None:
+    def __init__(self, dbctx: AnyDBContext, app: Flask | None = None) -> None:
+        self._pools: Callable[[], dict[str, PoolStatus]]
+        self._metrics: EventMetrics
+        self._tracker: PoolTracker
+        if app is None:
+            from .aio import AsyncDBContext
+
+            if not isinstance(dbctx, AsyncDBContext):
+                raise ContextSetupError(
+                    "register(dbctx, app) needs the app for a DBContext; only an "
+                    "AsyncDBContext is registered without one"
+                )
+            self._pools = dbctx.pool_status_all
+            self._metrics, self._tracker = dbctx.state.metrics, dbctx.state.tracker
+            return
         if app.extensions.get("dbctx") is not dbctx:
             raise ContextSetupError(
                 "this DBContext is not registered on that app: call dbctx.init_app(app) first"
             )
-        self._state = app_state(app)
-        self._app = app
+        state = app_state(app)
+        self._pools = lambda: state.pool_statuses(app)
+        self._metrics, self._tracker = state.metrics, state.tracker
 
     @staticmethod
     def _families() -> dict[str, Any]:
@@ -120,9 +145,9 @@ class DBContextCollector:
         return list(self._families().values())
 
     def collect(self) -> Iterator[Metric]:
-        state = self._state
+        metrics = self._metrics
         f = self._families()
-        for name, pool in state.pool_statuses(self._app).items():
+        for name, pool in self._pools().items():
             f["count"].add_metric([name, "idle"], pool["checked_in"])
             f["count"].add_metric([name, "used"], pool["checked_out"])
             if pool["capacity"] is not None:
@@ -131,8 +156,8 @@ class DBContextCollector:
             for status in STATUSES:
                 f["status"].add_metric([name, status], 1.0 if pool["status"] == status else 0.0)
         # SQLAlchemy's TimeoutError does not say which pool; events use the default one.
-        f["timeouts"].add_metric(["default"], state.metrics.pool_timeouts)
-        for s in state.metrics.stats():
+        f["timeouts"].add_metric(["default"], metrics.pool_timeouts)
+        for s in metrics.stats():
             ok = s.count - s.errors - s.busy
             for outcome, value in (("ok", ok), ("error", s.errors), ("busy", s.busy)):
                 f["events"].add_metric([s.namespace, s.event, outcome], value)
@@ -141,15 +166,26 @@ class DBContextCollector:
                 cumulative += hits
                 buckets.append((bound, cumulative))
             f["durations"].add_metric([s.namespace, s.event], buckets, s.total_seconds)
-        f["retries"].add_metric([], state.metrics.retries_total)
-        f["leaks"].add_metric([], state.tracker.leaks_total)
+        f["retries"].add_metric([], metrics.retries_total)
+        f["leaks"].add_metric([], self._tracker.leaks_total)
         yield from f.values()
 
 
 def register(
-    dbctx: DBContext, app: Flask, registry: CollectorRegistry | None = None
+    dbctx: AnyDBContext,
+    app: Flask | CollectorRegistry | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> DBContextCollector:
-    """Register a collector for ``app`` with ``registry`` (default: the global one)."""
+    """Register a collector for ``app`` with ``registry`` (default: the global one).
+
+    For an ``AsyncDBContext`` there is no app: ``register(dbctx)``,
+    ``register(dbctx, registry=r)`` or ``register(dbctx, r)``; the metric names and
+    labels are the same.
+    """
+    if isinstance(app, CollectorRegistry):
+        if registry is not None:
+            raise TypeError("register() got two registries")
+        app, registry = None, app
     collector = DBContextCollector(dbctx, app)
     (registry if registry is not None else REGISTRY).register(collector)
     return collector

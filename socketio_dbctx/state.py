@@ -37,7 +37,14 @@ from .timeouts import reset_on_checkin
 if TYPE_CHECKING:
     from flask_socketio import SocketIO
 
-__all__ = ["AppState", "app_state", "describe_checkout", "register", "worker_id"]
+__all__ = [
+    "AppState",
+    "app_state",
+    "describe_checkout",
+    "monitor_payload",
+    "register",
+    "worker_id",
+]
 
 
 def worker_id() -> str:
@@ -209,15 +216,23 @@ class AppState:
 
     def payload(self, app: Flask) -> MonitorPayload:
         """This worker's monitor payload for ``app``."""
-        pools = self.pool_statuses(app)
-        return {
-            "worker": worker_id(),
-            "timestamp": time.time(),
-            "status": worst_status([p["status"] for p in pools.values()]),
-            "pools": pools,
-            "events": self.metrics.snapshot(),
-            "leaks": self.tracker.scan(),
-        }
+        return monitor_payload(self.pool_statuses(app), self.metrics, self.tracker)
+
+
+def monitor_payload(
+    pools: dict[str, PoolStatus], metrics: EventMetrics, tracker: PoolTracker
+) -> MonitorPayload:
+    """A worker's monitor payload (``pool_status``, ``get_status``) from its pool dicts,
+    event metrics and checkout tracker: the one builder of both stacks (Flask's
+    :class:`AppState` and ``socketio_dbctx.aio``)."""
+    return {
+        "worker": worker_id(),
+        "timestamp": time.time(),
+        "status": worst_status([p["status"] for p in pools.values()]),
+        "pools": pools,
+        "events": metrics.snapshot(),
+        "leaks": tracker.scan(),
+    }
 
 
 def _start_leak_watchdog(tracker: PoolTracker, socketio: SocketIO | None) -> LeakWatchdog:

@@ -33,6 +33,7 @@ from ..throttle import LogThrottle
 from ..timeouts import reset_on_checkin
 from ..transactions import follow_commits, follow_transactions
 from . import steps
+from .monitor import install_monitor
 from .scope import AsyncScope, commit, release
 from .tasks import AsyncPeriodicTask
 
@@ -208,6 +209,8 @@ class AsyncDBContext:
         self._lock = threading.Lock()
         install_emits(sio)
         _CONTEXTS[sio] = self
+        #: the ``/monitor`` namespace (and cluster view), when ``monitor_auth`` is set
+        self.monitor = install_monitor(self)
 
     @property
     def settings(self) -> Settings:
