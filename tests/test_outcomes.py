@@ -274,9 +274,10 @@ def test_lost_commit_reply_unresolved_keyed_then_the_client_retries(
 ) -> None:
     """A keyed handler's COMMIT is applied, its answer lost, and the database is gone
     right after: the event may run again (it has a key), but its re-runs cannot reach
-    the database, so it is acked ``db_unavailable`` with ``retryable: true``. Once the
-    database is back, the client's retry with the same key gets the first run's ack
-    from the store: the handler ran once, the row is stored once."""
+    the database, so nothing settled the first COMMIT: acked ``outcome_unknown``
+    (never a ``db_unavailable`` that reads as "not stored"). Once the database is
+    back, the client's retry with the same key gets the first run's ack from the
+    store: the handler ran once, the row is stored once."""
     server = start_proxied(
         server_factory, "threading", pg_proxy, schema_url(postgres_url, pg_schema)
     )
@@ -288,7 +289,7 @@ def test_lost_commit_reply_unresolved_keyed_then_the_client_retries(
     ack = call(client, "keyed_write", {"token": token, "key": key})
 
     assert pg_proxy.commits_cut == 1
-    assert_error_ack(ack, "db_unavailable", retryable=True)
+    assert_error_ack(ack, "outcome_unknown", retryable=False)
     assert lost_commit_outcomes(server, "keyed_write") == ["unknown"]
     assert runs(server, "keyed_write", token) == 1
     server.wait_checked_out(0)

@@ -88,6 +88,8 @@ class AsyncState:
         self.log_throttle = LogThrottle()
         self.tracker = PoolTracker(describe_checkout, settings.leak_threshold)
         self.keys = KeyStore(settings.idempotency_ttl, self._spawn_purge)
+        #: the last health check of the default engine failed (the pools say unhealthy)
+        self.probe_failing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         engine = self.engines().get("default")
         limit = settings.max_concurrent_events
@@ -354,6 +356,7 @@ class AsyncDBContext:
                 warn_utilization=s.warn_utilization,
                 leak_threshold=s.leak_threshold,
                 waiting=self.state.process.waiting + self.state.tracker.checkout_waiting,
+                unhealthy=name == "default" and self.state.probe_failing,
                 draining=self.draining,
             )
             for name, engine in self.state.engines().items()
@@ -383,6 +386,7 @@ class AsyncDBContext:
             error = type(exc).__name__
         else:
             error = None
+        self.state.probe_failing = error is not None
         if error is not None:
             return {
                 "healthy": False,

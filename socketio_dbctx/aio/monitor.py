@@ -32,7 +32,6 @@ from ..monitor import (
     status_scope,
     warn_if_open,
 )
-from ..pool import worst_status
 from ..shapes import ClusterPayload, ErrorAck, HealthResult, MonitorPayload
 from ..state import monitor_payload, worker_id
 
@@ -104,7 +103,6 @@ class AsyncMonitorNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self._loop_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_started = -math.inf
-        self._probe_failing = False
 
     def budget_key(self, auth: Any) -> Hashable:
         """The rate-limit budget a client's calls count against (see
@@ -116,10 +114,7 @@ class AsyncMonitorNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
     def payload(self) -> MonitorPayload:
         """This worker's monitor payload: ``unhealthy`` while its probes fail."""
-        pools = self.dbctx.pool_status_all()
-        default = pools.get("default")
-        if default is not None and self._probe_failing:
-            default["status"] = worst_status([default["status"], "unhealthy"])
+        pools = self.dbctx.pool_status_all()  # unhealthy while dbctx.health_check() fails
         return monitor_payload(pools, self.dbctx.state.metrics, self.dbctx.state.tracker)
 
     async def push(self, event: str, payload: Any) -> None:
@@ -219,15 +214,11 @@ class AsyncMonitorNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
         async def probe() -> None:
             try:
-                self._note(await self.dbctx.health_check(2.0))
+                await self.dbctx.health_check(2.0)  # it records the result
             finally:
                 self._probe_task = None
 
         self._probe_task = asyncio.get_running_loop().create_task(probe())
-
-    def _note(self, result: HealthResult) -> None:
-        if result["error"] != "draining":
-            self._probe_failing = not result["healthy"]
 
     # -- client events ------------------------------------------------------------------
 
@@ -248,6 +239,4 @@ class AsyncMonitorNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     async def on_health(self, sid: str, data: Any = None) -> HealthResult | ErrorAck:
         if not self._budgets.allow(sid, self.rate):
             return busy_ack()
-        result = await self.dbctx.health_check(2.0)
-        self._note(result)
-        return result
+        return await self.dbctx.health_check(2.0)
