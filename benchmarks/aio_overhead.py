@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -243,13 +244,39 @@ def end_to_end(args: argparse.Namespace, server_env: dict[str, str]) -> list[lis
         )
         try:
             wait_until(lambda: _answers(url, proc), 30, "the uvicorn server")
-            return _drive(url, args)
+            rows = _drive(url, args)
+            log.seek(0)
+            problems = _problems(log.read().decode(errors="replace"))
+            if problems:
+                raise RuntimeError(f"the server logged problems: {problems}")
+            return rows
         except BaseException:
             log.seek(0)
             sys.stderr.write(log.read().decode(errors="replace"))
             raise
         finally:
             stop_process(proc)
+
+
+def _problems(text: str) -> list[str]:
+    """Lines that say a session was not closed or something failed."""
+    return [
+        line
+        for line in text.splitlines()
+        if "garbage collector" in line or "Traceback" in line or "Warning" in line
+    ]
+
+
+def run_in_process(args: argparse.Namespace, server_env: dict[str, str]) -> list[list[str]]:
+    """:func:`in_process`, failing on any warning it caused (SQLAlchemy warns when the
+    garbage collector, not a close, returns a connection)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = asyncio.run(in_process(args, server_env))
+    problems = [str(w.message) for w in caught]
+    if problems:
+        raise RuntimeError(f"warnings while driving in-process: {problems[:3]}")
+    return rows
 
 
 def _answers(url: str, proc: subprocess.Popen[bytes]) -> bool:
@@ -303,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with bench_schema() as server_env:
         print("## In-process (python-socketio's dispatch, no transport)\n")
-        print(table(HEADERS, asyncio.run(in_process(args, server_env))))
+        print(table(HEADERS, run_in_process(args, server_env)))
         print("\n## End to end (uvicorn, one WebSocket client, one call at a time)\n")
         print(table(HEADERS, end_to_end(args, server_env)))
     print(
