@@ -22,6 +22,11 @@ differences, which follow a machine's changing load better than the two medians 
   WebSocket calling one event at a time (``client.call``): what a client sees, the
   transport and the client's threads included.
 
+Besides wall-clock time, each table shows CPU µs per event over all rounds (in-process:
+the benchmark process; end to end: the uvicorn process, from ``/proc``, 10 ms ticks summed
+over thousands of events): time spent waiting for PostgreSQL is not in it, and it moves
+much less than wall-clock time when other processes share the machine.
+
 Run from the repository root::
 
     python benchmarks/aio_overhead.py [--rounds 21] [--events 400] [--e2e-events 150] [--quick]
@@ -57,6 +62,7 @@ from _harness import (
     HTTP,
     POSTGRES_URL,
     ROOT,
+    cpu_seconds,
     environment,
     free_port,
     package_versions,
@@ -120,16 +126,24 @@ def bench_schema() -> Iterator[dict[str, str]]:
 # -- rounds ---------------------------------------------------------------------------------
 
 
-def summarize(times: dict[str, list[float]], events: int) -> dict[str, float]:
+def summarize(
+    times: dict[str, list[float]], cpu: dict[str, list[float]], events: int
+) -> dict[str, float]:
     """Per-event medians (µs), and the medians of the per-round ratios ours/plain and
-    differences ours - plain (rounds are interleaved, so these two follow the load)."""
+    differences ours - plain (rounds are interleaved, so these two follow the load); and
+    CPU µs per event over all rounds, with their ratio."""
     plain = [t / events * 1e6 for t in times["plain"]]
     ours = [t / events * 1e6 for t in times["ours"]]
+    cpu_plain = sum(cpu["plain"]) / (events * len(cpu["plain"])) * 1e6
+    cpu_ours = sum(cpu["ours"]) / (events * len(cpu["ours"])) * 1e6
     return {
         "plain": statistics.median(plain),
         "ours": statistics.median(ours),
         "ratio": statistics.median(o / p for o, p in zip(ours, plain)),
         "added": statistics.median(o - p for o, p in zip(ours, plain)),
+        "cpu_plain": cpu_plain,
+        "cpu_ours": cpu_ours,
+        "cpu_ratio": cpu_ours / cpu_plain if cpu_plain else float("nan"),
     }
 
 
@@ -140,6 +154,9 @@ def row(label: str, figures: dict[str, float]) -> list[str]:
         f"{figures['ours']:.1f}",
         f"{figures['ratio']:.3f}x",
         f"{figures['added']:+.1f}",
+        f"{figures['cpu_plain']:.1f}",
+        f"{figures['cpu_ours']:.1f}",
+        f"{figures['cpu_ratio']:.3f}x",
     ]
 
 
@@ -149,6 +166,9 @@ HEADERS = [
     "dbctx µs/event",
     "ratio (median of rounds)",
     "added µs (median of rounds)",
+    "plain CPU µs/event",
+    "dbctx CPU µs/event",
+    "CPU ratio",
 ]
 
 
@@ -205,16 +225,18 @@ async def in_process(args: argparse.Namespace, server_env: dict[str, str]) -> li
                 answer = await calls[side]()
                 assert answer == EXPECTED[event], (side, event, answer)
         times: dict[str, list[float]] = {"plain": [], "ours": []}
+        cpu: dict[str, list[float]] = {"plain": [], "ours": []}
         for number in range(args.rounds):
             order = ("plain", "ours") if number % 2 == 0 else ("ours", "plain")
             for side in order:
                 call = calls[side]
                 gc.collect()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(args.events):
                     await call()
                 times[side].append(time.perf_counter() - start)
-        rows.append(row(label, summarize(times, args.events)))
+                cpu[side].append(time.process_time() - cpu_start)
+        rows.append(row(label, summarize(times, cpu, args.events)))
     for side, engine in module.ENGINES.items():
         left = engine.sync_engine.pool.checkedout()
         assert left == 0, f"{side}: {left} connection(s) still checked out"
@@ -244,7 +266,7 @@ def end_to_end(args: argparse.Namespace, server_env: dict[str, str]) -> list[lis
         )
         try:
             wait_until(lambda: _answers(url, proc), 30, "the uvicorn server")
-            rows = _drive(url, args)
+            rows = _drive(url, proc.pid, args)
             log.seek(0)
             problems = _problems(log.read().decode(errors="replace"))
             if problems:
@@ -289,7 +311,7 @@ def _answers(url: str, proc: subprocess.Popen[bytes]) -> bool:
         return False
 
 
-def _drive(url: str, args: argparse.Namespace) -> list[list[str]]:
+def _drive(url: str, pid: int, args: argparse.Namespace) -> list[list[str]]:
     client = socketio.Client(reconnection=False)
     client.connect(url, namespaces=["/plain", "/ours"], transports=["websocket"], wait_timeout=10)
     rows = []
@@ -301,15 +323,17 @@ def _drive(url: str, args: argparse.Namespace) -> list[list[str]]:
                     answer = client.call(event, namespace=f"/{side}", timeout=10)
                     assert answer == EXPECTED[event], (side, event, answer)
             times: dict[str, list[float]] = {"plain": [], "ours": []}
+            cpu: dict[str, list[float]] = {"plain": [], "ours": []}
             for number in range(args.rounds):
                 order = ("plain", "ours") if number % 2 == 0 else ("ours", "plain")
                 for side in order:
                     event, namespace = events[side], f"/{side}"
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), cpu_seconds(pid)
                     for _ in range(args.e2e_events):
                         client.call(event, namespace=namespace, timeout=10)
                     times[side].append(time.perf_counter() - start)
-            rows.append(row(label, summarize(times, args.e2e_events)))
+                    cpu[side].append(cpu_seconds(pid) - cpu_start)
+            rows.append(row(label, summarize(times, cpu, args.e2e_events)))
     finally:
         client.disconnect()
     with HTTP.open(url + "/state", timeout=5) as response:
