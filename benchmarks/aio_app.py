@@ -8,7 +8,8 @@ Configured by the environment: ``AIO_BENCH_URL`` (a ``postgresql+asyncpg://`` UR
 ``AIO_BENCH_SCHEMA`` (its search path, holding ``bench_items`` with row 1),
 ``AIO_BENCH_POOL`` (``size,overflow,timeout``, default ``5,0,30``) and
 ``AIO_BENCH_SIDE`` (``ours`` or ``plain``: that side also serves ``/l``, the namespace
-``benchmarks/_harness.py``'s clients use).
+``benchmarks/_harness.py``'s clients use) and ``AIO_BENCH_OPTIONS`` (JSON: keyword options of
+``AsyncDBContext``, for experiments; the benchmarks use the defaults).
 
 Namespaces ``/plain`` and ``/ours``, the same handlers:
 
@@ -86,7 +87,9 @@ for _side, _engine in ENGINES.items():
     _track(_side, _engine)
 
 sio = socketio.AsyncServer(async_mode="asgi")
-dbctx = AsyncDBContext(sio, async_sessionmaker(ours_engine))
+dbctx = AsyncDBContext(
+    sio, async_sessionmaker(ours_engine), **json.loads(os.environ.get("AIO_BENCH_OPTIONS") or "{}")
+)
 
 
 class Plain(socketio.AsyncNamespace):
