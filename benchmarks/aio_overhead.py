@@ -90,10 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--e2e-events", type=positive_int, default=150, help="per side and round, end to end"
     )
+    parser.add_argument(
+        "--warmup", type=positive_int, default=50, help="checked calls per side first"
+    )
     parser.add_argument("--quick", action="store_true", help="3 short rounds")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.events, args.e2e_events = 3, 150, 60
+        args.rounds, args.events, args.e2e_events, args.warmup = 3, 100, 40, 10
     return args
 
 
@@ -221,7 +224,7 @@ async def in_process(args: argparse.Namespace, server_env: dict[str, str]) -> li
     for label, (plain_event, our_event) in HANDLERS.items():
         calls = {"plain": caller("plain", plain_event), "ours": caller("ours", our_event)}
         for side, event in (("plain", plain_event), ("ours", our_event)):  # hygiene, warm-up
-            for _ in range(50):
+            for _ in range(args.warmup):
                 answer = await calls[side]()
                 assert answer == EXPECTED[event], (side, event, answer)
         times: dict[str, list[float]] = {"plain": [], "ours": []}
@@ -319,7 +322,7 @@ def _drive(url: str, pid: int, args: argparse.Namespace) -> list[list[str]]:
         for label, (plain_event, our_event) in HANDLERS.items():
             events = {"plain": plain_event, "ours": our_event}
             for side, event in events.items():
-                for _ in range(30):
+                for _ in range(args.warmup):
                     answer = client.call(event, namespace=f"/{side}", timeout=10)
                     assert answer == EXPECTED[event], (side, event, answer)
             times: dict[str, list[float]] = {"plain": [], "ours": []}
