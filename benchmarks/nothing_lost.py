@@ -33,9 +33,9 @@ quantity no other order of the run has, so every stored row is matched to its re
 A client resends an order as the sample page does: after no answer within 10 s, ``busy``,
 ``timeout`` or ``outcome_unknown``, with the same ``client_order_id``, at most 3 times,
 after ``retry_after_ms`` (or 500 ms, doubling); once a send's fate was unknown (no answer,
-``outcome_unknown``) it also resends on ``db_unavailable``, for up to 30 s. Afterwards every request's final answer is checked
-against the ``orders`` table (read directly, not through the proxy), and the app's pool
-must be back to 0 connections checked out.
+``outcome_unknown``) it also resends on ``db_unavailable``, for up to 30 s. Afterwards
+every request's final answer is checked against the ``orders`` table (read directly, not
+through the proxy), and the app's pool must be back to 0 connections checked out.
 
 Columns: ``requests`` orders placed (one per client order id, resends not counted);
 ``resends`` (and the answers that caused them); ``ok, stored once`` final answer ``ok``

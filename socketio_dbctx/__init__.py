@@ -21,7 +21,7 @@ The modules form layers; each imports only from its own layer or those below it
     dispatch    namespace  monitor  hooks  dispatch  packets
                     |         (namespaces, function handlers; runtimes and the event run;
                     |          malformed packets)
-    pipeline    middleware  pipeline  keyed
+    pipeline    middleware  pipeline  keyed  settle
                     |         (the Event, the chain built once, the built-in steps)
     state       state
                     |         (one app's settings, source, metrics, tracker; the registry)

@@ -185,6 +185,8 @@ class Scope(ScopeState):
         if ctx is not None:
             ctx.push()
         try:
+            if self.timeout is not None:  # bounded: its transactions must be followed
+                self.source.follow_transactions()
             self.token = self.source.open()
         except BaseException:
             if ctx is not None:

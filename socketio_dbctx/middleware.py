@@ -17,42 +17,35 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
-from sqlalchemy import exc as sa_exc
 
 from . import keyed
-from .acks import error_code, error_payload, log_failure
 from .context import (
     Scope,
-    ScopeState,
     after_commit,
     commit,
     open_scope,
     release,
     require_session,
 )
-from .errors import BusyError, ContextSetupError, OutcomeUnknownError, StatementTimeoutError
-from .outcomes import Outcome, resolve
-from .retry import rerun_is_safe, retry_after
-from .transient import is_connection_error
+from .errors import BusyError, ContextSetupError
+from .outcomes import resolve
+from .retry import retry_after
+from .settle import (
+    count_refused,
+    failed_attempt,
+    failure_outcome,
+    final_ack,
+    resolved,
+    statement_timeout_of,
+    still_unsettled,
+)
 
 if TYPE_CHECKING:
     from .admission import Admission
     from .decorators import KeyFunc
     from .pipeline import Event, Step, Wrap
 
-__all__ = [
-    "admission",
-    "errors",
-    "failed_attempt",
-    "failure_outcome",
-    "idempotency",
-    "metrics",
-    "resolved",
-    "retry",
-    "statement_timeout_of",
-    "still_unsettled",
-    "transaction",
-]
+__all__ = ["admission", "errors", "idempotency", "metrics", "retry", "transaction"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +107,7 @@ def _answer(event: Event, exc: Exception, on_error: ErrorHandler | None) -> Any:
         except Exception:
             logger.exception("the error handler of %s raised while handling %s", event.key, exc)
             on_error = None
-    if on_error is None:
-        log_failure(event.key, event.sid, exc, event.state.log_throttle)
-        ack = error_payload(exc, expose=event.settings.expose_errors)
-    if event.name == "connect":
-        # A connect handler that crashed must not let the client in.
-        payload = error_payload(exc, expose=event.settings.expose_errors)
-        raise SocketIORefused(payload["error"], payload)
-    return None if event.name == "disconnect" else ack
+    return final_ack(event, exc, ack, handled=on_error is not None)
 
 
 def admission(limits: Admission) -> Wrap:
@@ -136,9 +122,7 @@ def admission(limits: Admission) -> Wrap:
                 return limits.run(event.sid, rest, event)
             except BusyError:
                 if event.phase == "admission":
-                    stats = event.state.metrics
-                    stats.started(event.key, event.namespace, event.name)
-                    stats.finished(event.key, time.perf_counter() - start, "busy")
+                    count_refused(event, start)
                 raise
 
         return step
@@ -168,16 +152,6 @@ def metrics(rest: Step) -> Step:
     return step
 
 
-def failure_outcome(event: Event, exc: Exception) -> str:
-    """The metrics outcome of a failed event: ``busy`` (a pool checkout timeout also
-    counted as one), else ``error``."""
-    if error_code(exc) != "busy":
-        return "error"
-    if isinstance(exc, sa_exc.TimeoutError):
-        event.state.metrics.pool_timeout()
-    return "busy"
-
-
 def retry(rest: Step) -> Step:
     """Run the rest of the chain again after a transient failure. When the last attempt
     fails while an earlier one's COMMIT is still unresolved, the answer is
@@ -198,18 +172,6 @@ def retry(rest: Step) -> Step:
     return step
 
 
-def still_unsettled(event: Event, final: Exception) -> Exception:
-    """What a final failure becomes: ``outcome_unknown`` when an earlier attempt's
-    COMMIT lost its answer and no later attempt found out (a re-run that claimed the
-    key proves it did not commit, a successful one makes it moot), else itself."""
-    if event.unsettled is None or isinstance(final, OutcomeUnknownError):
-        return final
-    return OutcomeUnknownError(
-        "an attempt's COMMIT lost its answer and the attempts after it failed too "
-        f"({type(final).__name__}); check before trying again"
-    )
-
-
 def transaction(rest: Step) -> Step:
     """A fresh app context and session; commit on success, roll back on error.
 
@@ -225,6 +187,7 @@ def transaction(rest: Step) -> Step:
         event.committed = False
         fresh = event.fresh_context and event.attempt == 1
         settings = event.settings
+        options = event.options
         scope = open_scope(
             event.app,
             event.state.source,
@@ -232,7 +195,7 @@ def transaction(rest: Step) -> Step:
             label=event.key,
             fresh_context=fresh,
             defer=settings.defer_emits,
-            timeout=statement_timeout_of(event),
+            timeout=statement_timeout_of(event) if options else settings.statement_timeout,
         )
         result: Any = _NOTHING
         try:
@@ -253,15 +216,6 @@ def transaction(rest: Step) -> Step:
 _NOTHING = object()
 
 
-def statement_timeout_of(event: Event) -> float | None:
-    """The event's statement timeout: its handler's ``@statement_timeout`` (``None``
-    included), else the namespace's or the app's ``statement_timeout``."""
-    options = event.options
-    if "statement_timeout" in options:
-        return options["statement_timeout"]  # type: ignore[no-any-return]
-    return event.settings.statement_timeout
-
-
 def _settle(event: Event, scope: Scope, exc: Exception, result: Any) -> Any:
     """An attempt failed: re-raise what the pipeline should see of it (see
     :func:`failed_attempt`), or, for a lost COMMIT that resolved as committed, release
@@ -277,66 +231,6 @@ def _settle(event: Event, scope: Scope, exc: Exception, result: Any) -> Any:
     return result
 
 
-def failed_attempt(event: Event, scope: ScopeState, exc: Exception) -> Exception | None:
-    """What to raise for a failed attempt; None for a COMMIT that lost its answer,
-    which :func:`resolved` decides once the database was asked.
-
-    A statement the watchdog cut is a statement timeout. A failure the server answered
-    (at COMMIT too) is what it is.
-    """
-    watch = scope.watch
-    cut = watch is not None and watch.cut
-    if event.phase != "commit" or event.committed:
-        if cut:
-            error = StatementTimeoutError(
-                f"no answer from the database within {scope.timeout}s; the connection "
-                "was discarded"
-            )
-            error.__cause__ = exc
-            return error
-        return exc
-    if not (cut or is_connection_error(exc)):
-        return exc  # the server answered the COMMIT: it failed, nothing is uncertain
-    return None
-
-
-def resolved(
-    event: Event, scope: ScopeState, exc: Exception, outcome: Outcome, *, finished: bool
-) -> Exception | None:
-    """Decide a lost COMMIT: None when it committed (the event succeeded: send its held
-    sends, ack its result), else what to raise.
-
-    Committed, but the handler itself was committing (``finished`` False): what it would
-    have done next is unknown. Aborted: retried like any transient failure. Unresolved:
-    a handler that may run again (``@idempotent``, or with an idempotency key) is
-    retried; any other event is answered ``outcome_unknown``.
-
-    :param outcome: what the database said (:func:`~socketio_dbctx.outcomes.resolve`).
-    :param finished: the handler had returned (the COMMIT was the pipeline's).
-    """
-    logger.warning(
-        "%s for sid %s: the connection was lost during COMMIT; outcome: %s",
-        event.key,
-        event.sid,
-        outcome or "unknown",
-    )
-    if outcome == "committed" and finished:
-        event.committed = True
-        return None
-    if outcome == "aborted":
-        event.phase = "handler"  # nothing was applied: as safe to retry as a failed INSERT
-        return exc
-    if rerun_is_safe(event):
-        event.unsettled = scope.held or []  # not None: an attempt's outcome is unknown
-        return exc
-    error = OutcomeUnknownError(
-        "the connection was lost while COMMIT was on its way and the outcome could not "
-        "be found out; check before trying again, or give the handler an idempotency key"
-    )
-    error.__cause__ = exc
-    return error
-
-
 def idempotency(default_key: KeyFunc | None) -> Wrap:
     """Answer a repeat of an idempotency key with the stored ack; store the ack of the
     run that claims it, in its own transaction (inside ``transaction``; the rules are
@@ -347,6 +241,8 @@ def idempotency(default_key: KeyFunc | None) -> Wrap:
 
     def wrap(rest: Step) -> Step:
         def step(event: Event) -> Any:
+            if default_key is None and not event.options:  # most events: no key
+                return rest(event)
             if keyed.key_of(event, default_key) is None:
                 return rest(event)
             session = require_session()

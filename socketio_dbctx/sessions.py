@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from .errors import ContextSetupError
-from .transactions import follow_commits
+from .transactions import follow_commits, follow_transactions
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -58,6 +58,11 @@ class SessionSource:
         """The engines of ``app`` by bind name, ``"default"`` first."""
         raise NotImplementedError
 
+    def follow_transactions(self) -> None:
+        """Follow the connections and writes of this source's transactions (see
+        :func:`~socketio_dbctx.transactions.follow_transactions`); inside an app context."""
+        raise NotImplementedError
+
 
 class FlaskSQLAlchemySource(SessionSource):
     """Sessions from Flask-SQLAlchemy's ``db.session``, which is scoped to the app context.
@@ -94,6 +99,9 @@ class FlaskSQLAlchemySource(SessionSource):
 
     def close(self, token: Any) -> None:
         token.remove()
+
+    def follow_transactions(self) -> None:
+        follow_transactions(self._resolve(current_app).session)
 
     def engines(self, app: Flask) -> dict[str, Engine]:
         db = self._resolve(app)
@@ -169,6 +177,9 @@ class SessionFactorySource(SessionSource):
                     registry.clear()
                 else:
                     registry.set(token.previous)
+
+    def follow_transactions(self) -> None:
+        follow_transactions(self._factory)
 
     def engines(self, app: Flask) -> dict[str, Engine]:
         maker = (

@@ -125,6 +125,9 @@ class AppState:
                     # the server's mode when known now; else the first event bounds it
                     enforce_connect_timeout(engine, self.async_mode)
                     reset_on_checkin(engine)
+                if any(engine.dialect.name == "postgresql" for engine in engines.values()):
+                    with app.app_context():  # lost-COMMIT resolution needs them
+                        self.source.follow_transactions()
                 if self.settings.leak_threshold and self._leak_watchdog is None:
                     self._leak_watchdog = _start_leak_watchdog(self.tracker, self.socketio)
                 self._followed = True

@@ -25,7 +25,7 @@ from .context import current_scope
 from .outcomes import transaction_id
 from .timeouts import bound_transaction, watch_statements
 
-__all__ = ["follow_commits"]
+__all__ = ["follow_commits", "follow_transactions"]
 
 
 def _on_transaction(session: Session, transaction: Any) -> None:
@@ -106,28 +106,48 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
             scope.wrote = False
 
 
-_FOLLOWED = "_socketio_dbctx_followed"
+def _follow(factory: Any, marker: str, listeners: dict[str, Any]) -> None:
+    # ``factory``: a sessionmaker, a scoped_session or a Session subclass. SQLAlchemy
+    # attaches the listeners to that maker's own Session subclass, so sessions made
+    # elsewhere in the process never run them. Idempotent: the subclass itself is
+    # marked, because event.contains() keys on id() and can answer for a collected
+    # class whose id a new one reuses.
+    maker = getattr(factory, "session_factory", factory)
+    cls = maker if isinstance(maker, type) else getattr(maker, "class_", None)
+    if cls is not None and cls.__dict__.get(marker):
+        return
+    for name, listener in listeners.items():
+        sa_event.listen(factory, name, listener)
+    if cls is not None:
+        setattr(cls, marker, True)
 
 
 def follow_commits(factory: Any) -> None:
-    """Follow the sessions ``factory`` makes (see the module's docstring).
+    """Follow the commits of the sessions ``factory`` makes: whether a transaction
+    began, unsaved writes, the commit phase (see the module's docstring)."""
+    _follow(
+        factory,
+        "_socketio_dbctx_followed",
+        {
+            "after_transaction_create": _on_transaction,
+            "after_flush": _on_flushed,
+            "before_commit": _on_commit_start,
+            "after_commit": _on_committed,
+        },
+    )
 
-    ``factory`` is a ``sessionmaker`` or ``scoped_session``: SQLAlchemy attaches the
-    listeners to that maker's own ``Session`` subclass, so sessions made elsewhere in
-    the process never run them. Idempotent: the subclass itself is marked, because
-    ``event.contains()`` keys on ``id()`` and can answer for a collected class whose id
-    a new one reuses.
-    """
-    maker = getattr(factory, "session_factory", factory)
-    cls = getattr(maker, "class_", None)
-    if cls is not None and cls.__dict__.get(_FOLLOWED):
-        return
-    sa_event.listen(factory, "after_transaction_create", _on_transaction)
-    sa_event.listen(factory, "after_begin", _on_begin)
-    sa_event.listen(factory, "do_orm_execute", _on_execute)
-    sa_event.listen(factory, "after_flush", _on_flushed)
-    sa_event.listen(factory, "before_commit", _on_commit_start)
-    sa_event.listen(factory, "after_commit", _on_committed)
-    sa_event.listen(factory, "after_transaction_end", _on_transaction_end)
-    if cls is not None:
-        setattr(cls, _FOLLOWED, True)
+
+def follow_transactions(factory: Any) -> None:
+    """Also follow their transactions' connections and writes: what statement
+    timeouts (on every backend) and lost-COMMIT resolution (on PostgreSQL) need. A
+    listener on every ORM statement costs each one a little, so this is added only
+    for PostgreSQL engines or once a statement timeout is used."""
+    _follow(
+        factory,
+        "_socketio_dbctx_transactions",
+        {
+            "after_begin": _on_begin,
+            "do_orm_execute": _on_execute,
+            "after_transaction_end": _on_transaction_end,
+        },
+    )

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from socketio_dbctx import InvalidRequestError, idempotency_table
 from socketio_dbctx.config import Settings
 from socketio_dbctx.idempotency import MAX_KEY_LENGTH, TABLE_NAME, KeyStore, purge, read_key
-from socketio_dbctx.middleware import statement_timeout_of
 from socketio_dbctx.outcomes import resolve
 from socketio_dbctx.retry import rerun_is_safe, should_retry
+from socketio_dbctx.settle import statement_timeout_of
 from socketio_dbctx.timeouts import GRACE, Watch, cut
 from socketio_dbctx.transactions import _is_select_text
 

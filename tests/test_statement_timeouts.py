@@ -513,7 +513,7 @@ def test_commit_without_an_answer_acks_outcome_unknown(
     library cannot learn the outcome (the database is unreachable): acked
     ``outcome_unknown``, never a hang, the handler ran once, no connection kept.
     Back on the network, the row is not there and the next event succeeds on its
-    first attempt. (The contract's tighter bound: the strict xfail below.)"""
+    first attempt. (The contract's tighter bound: the test below.)"""
     server = start_proxied(
         server_factory, async_mode, proxy, postgres_url, pg_schema, f"tmo-{new_token()}"
     )

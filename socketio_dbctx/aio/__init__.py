@@ -14,8 +14,8 @@ as the Flask version::
 
 One set of rules: settings, classification, acks, retries, admission counting, metrics,
 keys, timeouts and transaction following are the Flask version's modules; this package
-adds what is awaited (``steps``), the ``AsyncSession`` scope (``scope``), the extension
-(``extension``) and the namespace (``namespace``).
+adds what is awaited (``steps``), the ``AsyncSession`` scope (``scope``), periodic tasks
+(``tasks``), the extension (``extension``) and the namespace (``namespace``).
 """
 
 from __future__ import annotations

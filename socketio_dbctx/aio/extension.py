@@ -17,22 +17,24 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ..admission import Admission, ProcessLimit
-from ..config import Settings, load_settings
+from ..config import Settings, is_number, load_settings
 from ..decorators import KeyFunc
+from ..dispatch import LIFECYCLE, spec_of
 from ..emits import install as install_emits
 from ..errors import ContextSetupError
 from ..idempotency import KeyStore, idempotency_table
 from ..leaks import PoolTracker
 from ..metrics import EventMetrics
-from ..pipeline import Event, HandlerSpec, Middleware, build_chain
+from ..pipeline import Event, Middleware, build_chain
 from ..pool import pool_capacity, pool_status, worst_status
 from ..shapes import EventSummary, HealthResult, PoolStatus
 from ..state import describe_checkout
 from ..throttle import LogThrottle
 from ..timeouts import reset_on_checkin
-from ..transactions import follow_commits
+from ..transactions import follow_commits, follow_transactions
 from . import steps
 from .scope import AsyncScope, commit, release
+from .tasks import AsyncPeriodicTask
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncDBContext", "AsyncRuntime", "AsyncState", "dbctx_of"]
 
 logger = logging.getLogger(__name__)
-
-#: Events that skip admission: a full pool must not stop clients connecting or leaving.
-LIFECYCLE = frozenset({"connect", "disconnect"})
 
 _CONTEXTS: weakref.WeakKeyDictionary[Any, AsyncDBContext] = weakref.WeakKeyDictionary()
 
@@ -78,6 +77,11 @@ class AsyncState:
         base = maker.kw.get("sync_session_class") or Session
         followed = type(f"DBContext{base.__name__}", (base,), {})
         follow_commits(followed)
+        bind = maker.kw.get("bind")
+        if settings.statement_timeout is not None or (
+            bind is not None and bind.dialect.name == "postgresql"
+        ):
+            follow_transactions(followed)
         self.maker = type(maker)(**{**maker.kw, "sync_session_class": followed})
         self.metrics = EventMetrics()
         self.log_throttle = LogThrottle()
@@ -136,7 +140,6 @@ class AsyncRuntime:
             (steps.errors, *inner, *user),
             steps.call_handler,
         )
-        self._specs: dict[Any, HandlerSpec] = {}
 
     async def run(
         self,
@@ -147,10 +150,7 @@ class AsyncRuntime:
         payload: tuple[Any, ...],
     ) -> Any:
         """Run one event through the chain; return the ack."""
-        key = getattr(handler, "__func__", handler)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = HandlerSpec(handler)
+        spec = spec_of(handler)
         if name in LIFECYCLE:
             # connect gets (environ, auth), disconnect (reason): pass what is accepted
             while payload and not spec.accepts(len(payload) + 1):
@@ -284,6 +284,29 @@ class AsyncDBContext:
                 logger.exception("background task %s failed", getattr(func, "__name__", func))
 
         return self.state.spawn(run())
+
+    def start_periodic_task(
+        self, func: Callable[..., Any], interval: float, *args: Any, **kwargs: Any
+    ) -> AsyncPeriodicTask:
+        """Run ``await func(*args, **kwargs)`` every ``interval`` seconds, each run in its
+        own :meth:`session_scope`; no connection is held between runs. An exception is
+        logged and the loop goes on. Returns a handle with ``await stop()``.
+
+        :raises ValueError: for a non-callable ``func`` or an ``interval`` <= 0.
+        """
+        if not callable(func):
+            raise ValueError(f"func must be callable, got {type(func).__name__}")
+        if not is_number(interval, 0, above=True):
+            raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
+
+        async def run_once() -> None:
+            async with self.session_scope():
+                result = func(*args, **kwargs)
+                if asyncio.iscoroutine(result):
+                    await result
+
+        name = getattr(func, "__qualname__", repr(func))
+        return AsyncPeriodicTask(self.state.spawn, run_once, float(interval), name)
 
     # -- operations -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..context import ScopeState
+from ..transactions import follow_transactions
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -51,6 +52,8 @@ class AsyncScope(ScopeState):
         self._session: AsyncSession | None = None
 
     async def __aenter__(self) -> AsyncScope:
+        if self.timeout is not None:  # bounded (a handler's own): follow its transactions
+            follow_transactions(self._maker.kw["sync_session_class"])
         self._activate()
         return self
 

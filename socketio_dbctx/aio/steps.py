@@ -5,8 +5,8 @@
 
 Each step decides as its Flask twin does, with the same functions: error codes and
 payloads (:mod:`socketio_dbctx.acks`), what a failed attempt becomes
-(:func:`~socketio_dbctx.middleware.failed_attempt`,
-:func:`~socketio_dbctx.middleware.resolved`), retries
+(:func:`~socketio_dbctx.settle.failed_attempt`,
+:func:`~socketio_dbctx.settle.resolved`), retries
 (:func:`~socketio_dbctx.retry.retry_after_async`), admission
 (:class:`~socketio_dbctx.admission.Admission` with asyncio events) and keys
 (:mod:`socketio_dbctx.keyed`, run in the session's greenlet). Only waiting and I/O are
@@ -27,18 +27,19 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from .. import keyed
-from ..acks import error_payload, log_failure
 from ..context import current_scope
 from ..errors import BusyError, ContextSetupError, InvalidRequestError
-from ..middleware import (
+from ..outcomes import resolve
+from ..retry import retry_after_async
+from ..settle import (
+    count_refused,
     failed_attempt,
     failure_outcome,
+    final_ack,
     resolved,
     statement_timeout_of,
     still_unsettled,
 )
-from ..outcomes import resolve
-from ..retry import retry_after_async
 from .scope import AsyncScope, commit, release
 
 if TYPE_CHECKING:
@@ -121,13 +122,7 @@ async def _answer(event: Event, exc: Exception) -> Any:
         except Exception:
             logger.exception("the error hook of %s raised while handling %s", event.key, exc)
             hook = None
-    if not callable(hook):
-        log_failure(event.key, event.sid, exc, event.state.log_throttle)
-        ack = error_payload(exc, expose=event.settings.expose_errors)
-    if event.name == "connect":
-        payload = error_payload(exc, expose=event.settings.expose_errors)
-        raise SocketIORefused(payload["error"], payload)
-    return None if event.name == "disconnect" else ack
+    return final_ack(event, exc, ack, handled=callable(hook))
 
 
 def admission(limits: Admission) -> AsyncWrap:
@@ -144,9 +139,7 @@ def admission(limits: Admission) -> AsyncWrap:
                         await asyncio.wait_for(waiter.event.wait(), limits.timeout)
                     limits.admitted(waiter)
             except BusyError:
-                stats = event.state.metrics
-                stats.started(event.key, event.namespace, event.name)
-                stats.finished(event.key, time.perf_counter() - start, "busy")
+                count_refused(event, start)
                 raise
             try:
                 return await rest(event)
@@ -253,6 +246,8 @@ def idempotency(default_key: KeyFunc | None) -> AsyncWrap:
 
     def wrap(rest: AsyncStep) -> AsyncStep:
         async def step(event: Event) -> Any:
+            if default_key is None and not event.options:  # most events: no key
+                return await rest(event)
             if keyed.key_of(event, default_key) is None:
                 return await rest(event)
             scope = current_scope()

@@ -54,6 +54,15 @@ dbctx = AsyncDBContext(
 
 runs: dict[str, int] = {}
 in_use: set[int] = set()
+tasks: dict[str, Any] = {}
+
+
+def _scope_session() -> Any:
+    from socketio_dbctx.context import current_scope
+
+    scope = current_scope()
+    assert scope is not None, "a periodic run has a scope of its own"
+    return scope.session
 
 
 def count(event: str, token: str) -> int:
@@ -124,6 +133,18 @@ class Rows(AsyncDBContextNamespace):
     async def on_slow(self, sid: str, seconds: float) -> str:
         await self.db_session.execute(sa.text("SELECT pg_sleep(:s)"), {"s": seconds})
         return "slept"
+
+    async def on_periodic(self, sid: str, token: str, interval: float) -> str:
+        async def tick() -> None:
+            await insert(_scope_session(), token)
+
+        tasks[token] = dbctx.start_periodic_task(tick, interval)
+        return "started"
+
+    async def on_stop_periodic(self, sid: str, token: str) -> dict[str, Any]:
+        task = tasks.pop(token)
+        stopped = await task.stop(5)
+        return {"stopped": stopped, "runs": task.runs, "failures": task.failures}
 
     async def on_background(self, sid: str, token: str) -> str:
         async def work() -> None:
