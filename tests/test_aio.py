@@ -4,10 +4,11 @@ clients over WebSocket.
 
 Each test gets its own schema and server. Covered: commit before the ack, rollback and
 dropped emits on error, safe error acks, the argument check, refused connects, function
-handlers, retries of a killed backend, 200 concurrent events never sharing a session,
-admission on a pool smaller than the load (no pool timeout), the statement timeout,
-idempotency keys, ``session_scope`` in a background task, drain, and the pool dict,
-metrics and health in the Flask version's shapes.
+handlers, retries of a killed backend and of a serialization failure, 200 concurrent
+events never sharing a session, admission on a pool smaller than the load (no pool
+timeout), the statement timeout, the watchdog on a partitioned network, idempotency
+keys, ``session_scope`` in background and periodic tasks, leak reports, drain, and the
+pool dict, metrics and health in the Flask version's shapes.
 """
 
 from __future__ import annotations
@@ -272,6 +273,19 @@ def test_a_killed_backend_is_retried_and_stored_once(
     server.wait_checked_out(0)
 
 
+def test_a_serialization_failure_is_retried_from_the_start(
+    aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
+) -> None:
+    server = aio_server(retry_delay=0)
+    client = client_factory(server)
+    token = new_token()
+    assert client.call("serialize", (token, 2), namespace=NS, timeout=15) == token
+    assert server.runs("serialize", token) == 3
+    assert stored(db_check, token) == 1  # the failed attempts' inserts were rolled back
+    assert server.state()["metrics"]["/a:serialize"]["retries"] == 2
+    server.wait_checked_out(0)
+
+
 def test_two_hundred_concurrent_events_never_share_a_session(
     aio_server: AioFactory, client_factory: Any, db_check: sa.Engine
 ) -> None:
@@ -452,4 +466,16 @@ def test_a_periodic_task_runs_each_time_in_its_own_scope(
     result = client.call("stop_periodic", token, namespace=NS, timeout=10)
     assert result["stopped"] is True and result["failures"] == 0
     assert stored(db_check, token) == result["runs"]  # every run committed, once
+    server.wait_checked_out(0)
+
+
+def test_a_connection_held_past_the_leak_threshold_is_reported(
+    aio_server: AioFactory, client_factory: Any
+) -> None:
+    server = aio_server(leak_threshold=0.3)
+    client = client_factory(server)
+    token = new_token()
+    assert client.call("hold", (token, 1.0), namespace=NS, timeout=10) == token
+    wait_for(lambda: "apparent connection leak" in server.log(), "the leak report")
+    assert "/a:hold" in server.log()
     server.wait_checked_out(0)

@@ -23,7 +23,7 @@ from ..dispatch import LIFECYCLE, spec_of
 from ..emits import install as install_emits
 from ..errors import ContextSetupError
 from ..idempotency import KeyStore, idempotency_table
-from ..leaks import PoolTracker
+from ..leaks import LeakWatchdog, PoolTracker
 from ..metrics import EventMetrics
 from ..pipeline import Event, Middleware, build_chain
 from ..pool import pool_capacity, pool_status, worst_status
@@ -87,6 +87,10 @@ class AsyncState:
         self.metrics = EventMetrics()
         self.log_throttle = LogThrottle()
         self.tracker = PoolTracker(describe_checkout, settings.leak_threshold)
+        if settings.leak_threshold:
+            # a thread of its own: a scan is a few dict reads, and must go on while the
+            # event loop is busy (which is when leaks happen)
+            self._leak_watchdog = LeakWatchdog(self.tracker, _start_thread, time.sleep)
         self.keys = KeyStore(settings.idempotency_ttl, self._spawn_purge)
         #: the last health check of the default engine failed (the pools say unhealthy)
         self.probe_failing = False
@@ -116,6 +120,10 @@ class AsyncState:
     def _spawn_purge(self, target: Callable[[], Any]) -> None:
         # the key store's purge is sync SQLAlchemy code: run it in a greenlet
         self.spawn(greenlet_spawn(target))
+
+
+def _start_thread(target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name="socketio_dbctx leak watchdog", daemon=True).start()
 
 
 class AsyncRuntime:

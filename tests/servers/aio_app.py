@@ -17,6 +17,8 @@ counts its runs; clients join room ``"all"`` on connect:
   loop, checks nobody else holds the same session object; acks whether it was alone.
 * ``kill_self(token, times)``: the first ``times`` runs terminate their own backend
   before inserting; later runs insert (retried as a lost connection).
+* ``serialize(token, times)``: inserts, then the first ``times`` runs fail with SQLSTATE
+  ``40001`` (retried from the start, as a serialization failure).
 * ``keyed({"key", "token"})``: ``@idempotency_key``; inserts and emits.
 * ``slow(seconds)``: ``pg_sleep`` under the statement timeout.
 * ``refuse`` connect: a client whose auth is ``{"refuse": True}`` is refused.
@@ -121,6 +123,14 @@ class Rows(AsyncDBContextNamespace):
         if count("kill_self", token) <= times:
             await self.db_session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
         await insert(self.db_session, token)
+        return token
+
+    async def on_serialize(self, sid: str, token: str, times: int) -> str:
+        await insert(self.db_session, token)
+        if count("serialize", token) <= times:  # what a serialization failure raises
+            await self.db_session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
         return token
 
     @idempotency_key(lambda data: data.get("key"))
