@@ -14,9 +14,6 @@ pool dict, metrics and health in the Flask version's shapes.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,8 +24,7 @@ from typing import Any, Callable
 import pytest
 import socketio
 import sqlalchemy as sa
-from conftest import free_port
-from server_launch import HTTP
+from aiokit import UvicornServer, asyncpg_url, start_uvicorn
 
 pytestmark = pytest.mark.server
 
@@ -40,52 +36,17 @@ def new_token() -> str:
     return uuid.uuid4().hex[:12]
 
 
-class AioServer:
+class AioServer(UvicornServer):
     """A uvicorn process serving ``tests.servers.aio_app``."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log
-
-    def state(self) -> dict[str, Any]:
-        with HTTP.open(self.url + "/state", timeout=10) as response:
-            return json.loads(response.read())  # type: ignore[no-any-return]
-
     def drain(self) -> bool:
-        with HTTP.open(self.url + "/drain", timeout=20) as response:
-            return bool(json.loads(response.read())["drained"])
+        return bool(json.loads(self.get("/drain", timeout=20))["drained"])
 
     def runs(self, event: str, token: str) -> int:
         return int(self.state()["runs"].get(f"{event}:{token}", 0))
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_checked_out(self, expected: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            pool = self.state()["pool"]
-            if pool["checked_out"] == expected:
-                return
-            assert time.monotonic() < deadline, f"checked_out stays {pool['checked_out']}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
 
 AioFactory = Callable[..., AioServer]
-
-
-def asyncpg_url(postgres_url: str) -> str:
-    url = sa.engine.make_url(postgres_url).set(drivername="postgresql+asyncpg")
-    return url.set(query={}).render_as_string(hide_password=False)
 
 
 @pytest.fixture
@@ -113,44 +74,15 @@ def aio_server(
     started: list[AioServer] = []
 
     def start(pool: str = "5,0,30", database_url: str | None = None, **options: Any) -> AioServer:
-        port = free_port()
-        log = tmp_path / f"aio-{port}.log"
         env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "AIO_DATABASE_URL": database_url or asyncpg_url(postgres_url),
             "AIO_SCHEMA": pg_schema,
             "AIO_POOL": pool,
             "AIO_OPTIONS": json.dumps(options),
         }
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "tests.servers.aio_app:app",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        server = AioServer(proc, port, log)
-        started.append(server)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                server.state()
-                return server
-            except OSError:
-                assert proc.poll() is None, f"the server exited: {server.log()}"
-                assert time.monotonic() < deadline, f"no answer in 20 s: {server.log()}"
-                time.sleep(0.1)
+        server = start_uvicorn("tests.servers.aio_app:app", env, tmp_path, AioServer)
+        started.append(server)  # type: ignore[arg-type]
+        return server  # type: ignore[return-value]
 
     yield start
     for server in started:

@@ -16,10 +16,7 @@ intervals.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +25,9 @@ from typing import Any, Callable
 import pytest
 import socketio
 import sqlalchemy as sa
+from aiokit import UvicornServer, asyncpg_url, start_uvicorn
 from conftest import free_port
 from monitor_client import CLUSTER_STATUS, POOL_STATUS, MonitorClient, is_busy
-from server_launch import HTTP
 from test_metrics_unit import LABELS, SAMPLE_NAMES, TYPES, samples, type_lines
 
 pytestmark = pytest.mark.server
@@ -42,46 +39,10 @@ SERVER = "tests.servers.aio_monitor:app"
 LOGS = ("--log-level", "warning", "--port")
 
 
-class MonitorServer:
-    """A uvicorn process serving ``tests.servers.aio_monitor``."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log
-
-    def get(self, path: str) -> str:
-        with HTTP.open(self.url + path, timeout=10) as response:
-            return str(response.read().decode())
-
-    def state(self) -> dict[str, Any]:
-        return json.loads(self.get("/state"))  # type: ignore[no-any-return]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_checked_out(self, expected: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (out := self.state()["pool"]["checked_out"]) != expected:
-            assert time.monotonic() < deadline, f"checked_out stays {out}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+MonitorServer = UvicornServer
 
 
 Factory = Callable[..., MonitorServer]
-
-
-def asyncpg_url(postgres_url: str) -> str:
-    url = sa.engine.make_url(postgres_url).set(drivername="postgresql+asyncpg")
-    return url.set(query={}).render_as_string(hide_password=False)
 
 
 @pytest.fixture
@@ -95,43 +56,16 @@ def monitor_server(postgres_url: str, tmp_path: Path) -> Iterator[Factory]:
         database_url: str | None = None,
         **options: Any,
     ) -> MonitorServer:
-        port = free_port()
-        log = tmp_path / f"aio-monitor-{port}.log"
         env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "AIO_DATABASE_URL": database_url or asyncpg_url(postgres_url),
             "AIO_POOL": pool,
             "AIO_OPTIONS": json.dumps(options),
         }
         if redis_manager:
             env["AIO_REDIS_MANAGER"] = redis_manager
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "tests.servers.aio_monitor:app",
-                    *LOGS,
-                    str(port),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        server = MonitorServer(proc, port, log)
+        server = start_uvicorn(SERVER, env, tmp_path)
         started.append(server)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                server.state()
-                return server
-            except OSError:
-                assert proc.poll() is None, f"the server exited: {server.log()}"
-                assert time.monotonic() < deadline, f"no answer in 20 s: {server.log()}"
-                time.sleep(0.1)
+        return server
 
     yield start
     for server in started:
