@@ -28,7 +28,6 @@ from aiokit import UvicornServer, asyncpg_url, start_uvicorn
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parents[1]
 NS = "/a"
 
 

@@ -32,7 +32,6 @@ from test_metrics_unit import LABELS, SAMPLE_NAMES, TYPES, samples, type_lines
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "aio-monitor-token"
 INTERVAL = 0.3
 SERVER = "tests.servers.aio_monitor:app"
