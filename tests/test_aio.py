@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -25,14 +24,11 @@ import pytest
 import socketio
 import sqlalchemy as sa
 from aiokit import UvicornServer, asyncpg_url, start_uvicorn
+from eventkit import new_token
 
 pytestmark = pytest.mark.server
 
 NS = "/a"
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 class AioServer(UvicornServer):

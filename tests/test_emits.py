@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ import pytest
 import socketio as socketio_client
 import sqlalchemy as sa
 from conftest import ServerProcess, stored_names, wait_for
+from eventkit import new_token
 from flask import Flask, g, request
 from flask_socketio import SocketIO, emit, join_room, leave_room, rooms, send
 from flask_sqlalchemy import SQLAlchemy
@@ -50,10 +50,6 @@ INTERNAL_ERROR = {
 
 ServerFactory = Callable[..., ServerProcess]
 Entry = tuple[str, Any]
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def seq(token: str, *steps: int, name: str = "seq") -> list[Entry]:
