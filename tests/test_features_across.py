@@ -44,7 +44,7 @@ CUT_BOUND = 3.0
 
 
 @pytest.fixture
-def app(app: Flask) -> Flask:
+def app(app: Flask, database_url: str) -> Flask:  # database_url: for pytest<8's closure
     """conftest's app with a pool of one idle connection: each event after the first
     gets the connection the one before it used, so what an event leaves on it shows."""
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
