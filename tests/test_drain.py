@@ -7,7 +7,6 @@ the tests see them held through ``/_ops/state``, never by sleeping.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import signal
@@ -337,7 +336,7 @@ def no_control_socket() -> list[str]:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("worker", ["gevent", "gthread", "eventlet"])
+@pytest.mark.parametrize("worker", ["gevent", "gthread"])
 def test_gunicorn_sigterm_to_the_master_drains_the_worker(
     worker: str, postgres_url: str, pg_schema: str, tmp_path: Any
 ) -> None:
@@ -345,12 +344,6 @@ def test_gunicorn_sigterm_to_the_master_drains_the_worker(
     calling drain_on_signals() at import): SIGTERM to the master drains the worker
     (events in flight acked and committed, new ones busy, /healthz 503), then the
     worker and the master exit."""
-    installed = importlib.metadata.version("gunicorn")
-    if worker == "eventlet" and int(installed.split(".")[0]) >= 26:  # the test extra pins <26
-        pytest.fail(
-            "gunicorn removed its eventlet worker in gunicorn 26 (benoitc/gunicorn#3623); "
-            f"installed: gunicorn {installed}; the test extra pins gunicorn<26"
-        )
     port = free_port()
     database_url = schema_url(postgres_url, pg_schema)
     server_args = ["--port", "0", "--database-url", database_url, "--extra", "tests.servers.ops"]
