@@ -83,7 +83,9 @@ class AsyncState:
             bind is not None and bind.dialect.name == "postgresql"
         ):
             follow_transactions(followed)
-        self.maker = type(maker)(**{**maker.kw, "sync_session_class": followed})
+        self.maker = type(maker)(
+            class_=maker.class_, **{**maker.kw, "sync_session_class": followed}
+        )
         self.metrics = EventMetrics()
         self.log_throttle = LogThrottle()
         self.tracker = PoolTracker(describe_checkout, settings.leak_threshold)
