@@ -406,3 +406,29 @@ def test_a_connection_held_past_the_leak_threshold_is_reported(
     wait_for(lambda: "apparent connection leak" in server.log(), "the leak report")
     assert "/a:hold" in server.log()
     server.wait_checked_out(0)
+
+
+def test_the_extension_keeps_the_users_session_classes(postgres_url: str) -> None:
+    """Our listeners go on a ``Session`` subclass of our own in a copy of the maker: the
+    user's ``AsyncSession`` class, sync session class and options stay as given, and
+    the user's own maker is left untouched."""
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+    from sqlalchemy.orm import Session
+
+    from socketio_dbctx.aio import AsyncDBContext
+
+    class Mine(AsyncSession):
+        pass
+
+    class MySync(Session):
+        pass
+
+    engine = create_async_engine(asyncpg_url(postgres_url))
+    maker = async_sessionmaker(
+        engine, class_=Mine, sync_session_class=MySync, expire_on_commit=False
+    )
+    dbctx = AsyncDBContext(socketio.AsyncServer(async_mode="asgi"), maker)
+    ours = dbctx.state.maker
+    assert ours.class_ is Mine and issubclass(ours.kw["sync_session_class"], MySync)
+    assert ours.kw["expire_on_commit"] is False and ours.kw["bind"] is engine
+    assert maker.kw["sync_session_class"] is MySync  # the user's maker is untouched
