@@ -104,7 +104,7 @@ def flask_payload(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     app = Flask("flask_parity")
     app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path_factory.mktemp('p')}/p.db"
     db = SQLAlchemy(app)
-    sock = SocketIO(app)
+    sock = SocketIO(app, async_mode="threading")
     DBContext(app, sock, db)
 
     class Ping(DBContextNamespace):  # type: ignore[misc]
@@ -319,7 +319,9 @@ def test_register_takes_an_async_dbctx_without_an_app(postgres_url: str) -> None
     with pytest.raises(TypeError, match="two registries"):
         register(dbctx, CollectorRegistry(), CollectorRegistry())
     with pytest.raises(ContextSetupError, match="needs the app"):
-        register(DBContext(socketio=SocketIO()), registry=CollectorRegistry())
+        register(
+            DBContext(socketio=SocketIO(async_mode="threading")), registry=CollectorRegistry()
+        )
 
 
 def test_cluster_url_from_an_async_redis_manager() -> None:
