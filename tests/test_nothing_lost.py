@@ -4,8 +4,9 @@ nothing lost, nothing doubled and every send answered.
 The checker is tested on made-up answers and rows (each column, and each kind of
 violation, must be counted: a checker that never complains would pass the real run
 too). The real run starts the sample app behind a TCP proxy on PostgreSQL, once per
-fault (backends killed, connections refused, black-holed, COMMIT answers lost, a
-frozen server, none), with the ``--quick`` settings, and must exit 0.
+fault (backends killed, black-holed connections, COMMIT answers lost, a server frozen
+past the statement timeout; then a lost COMMIT with the database down), with the
+``--quick`` settings, and must exit 0.
 """
 
 from __future__ import annotations
@@ -159,12 +160,14 @@ def _assert_nothing_lost(fault: str, row: dict[str, str]) -> None:
 
 
 #: every fault but lost_commit_down (below)
-QUICK_FAULTS = [f for f in lost.FAULTS if f != "lost_commit_down"]
+#: The quick run's faults: the ones only this benchmark injects against the sample app
+#: (none, refuse and freeze are test_faults' own, and the default run has them all).
+QUICK_FAULTS = ["kill", "blackhole", "lost_commit", "long_freeze"]
 
 
 @pytest.mark.postgres
 def test_quick_run_loses_nothing(postgres_url: str) -> None:
-    """Every fault, ``--quick``: exit 0, one row per fault, the must-be-0 columns 0."""
+    """The quick faults, ``--quick``: exit 0, one row per fault, the must-be-0 columns 0."""
     status, report, rows = _run(postgres_url, "--quick", "--faults", ",".join(QUICK_FAULTS))
     assert sorted(rows) == sorted(QUICK_FAULTS), report
     for fault, row in rows.items():

@@ -684,8 +684,9 @@ def test_default_database_is_sqlite_in_the_instance_folder(
             db.engine.dispose()
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # its advisory lock
 def test_a_book_locked_too_long_answers_busy(
-    trading: tuple[Flask, SocketIO], monkeypatch: pytest.MonkeyPatch
+    trading: tuple[Flask, SocketIO], monkeypatch: pytest.MonkeyPatch, database_url: str
 ) -> None:
     """PostgreSQL: another transaction holds the book's advisory lock past the lock
     timeout: the order is acked ``busy`` with a retry hint, and nothing is stored."""
@@ -693,8 +694,6 @@ def test_a_book_locked_too_long_answers_busy(
 
     app, socketio = trading
     with app.app_context():
-        if db.engine.dialect.name != "postgresql":
-            pytest.skip("the advisory lock is PostgreSQL's")
         holder = db.engine.connect()
     monkeypatch.setattr(book, "LOCK_TIMEOUT", 0.2)
     client = socketio.test_client(app, namespace=NS)
