@@ -15,7 +15,9 @@ as the Flask version::
 One set of rules: settings, classification, acks, retries, admission counting, metrics,
 keys, timeouts and transaction following are the Flask version's modules; this package
 adds what is awaited (``steps``), the ``AsyncSession`` scope (``scope``), periodic tasks
-(``tasks``), the extension (``extension``) and the namespace (``namespace``).
+(``tasks``), what the extension keeps and each namespace's chains (``state``), the
+extension (``extension``), the namespace (``namespace``), the monitor (``monitor``) and
+the Redis cluster view on ``redis.asyncio`` (``cluster``).
 """
 
 from __future__ import annotations

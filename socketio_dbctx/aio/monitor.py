@@ -6,7 +6,7 @@ What a subscriber sees is built by the same code as in the Flask version: the
 payload by :func:`socketio_dbctx.state.monitor_payload`, the auth check, call
 budgets, ``get_status`` scopes and error acks by :mod:`socketio_dbctx.monitor`, the
 cluster keys, totals and ``cluster_status`` by :class:`socketio_dbctx.cluster.ClusterRules`
-(here through :class:`~socketio_dbctx.cluster.AsyncClusterView`, on ``redis.asyncio``).
+(here through :class:`~socketio_dbctx.aio.cluster.AsyncClusterView`, on ``redis.asyncio``).
 Only the I/O is asyncio's: the push loop and the health probes are tasks of the
 server's event loop.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import socketio
 
-from ..cluster import AsyncClusterView, cluster_redis_url
+from ..cluster import cluster_redis_url
 from ..monitor import (
     CallBudgets,
     MonitorNamespace,
@@ -34,6 +34,7 @@ from ..monitor import (
 )
 from ..shapes import ClusterPayload, ErrorAck, HealthResult, MonitorPayload
 from ..state import monitor_payload, worker_id
+from .cluster import AsyncClusterView
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..admission import Admission
     from ..decorators import KeyFunc
     from ..pipeline import Event
-    from .extension import AsyncState
+    from .state import AsyncState
 
 __all__ = [
     "AsyncStep",
