@@ -53,6 +53,19 @@ class MalformedPacket(Exception):
         self.kind = kind
 
 
+class MalformedEvent(MalformedPacket):
+    """A decoded event of the wrong shape; its ack id can be trusted.
+
+    :param namespace: the packet's namespace (``None``: ``"/"``).
+    :param id: the packet's ack id, if the client asked for an ack.
+    """
+
+    def __init__(self, kind: str, namespace: str | None, id: Any) -> None:
+        super().__init__(kind)
+        self.namespace = namespace
+        self.id = id
+
+
 def _kind(exc: BaseException, encoded: Any) -> str:
     if isinstance(exc, RecursionError):
         return "nesting too deep"
@@ -69,19 +82,29 @@ def _kind(exc: BaseException, encoded: Any) -> str:
 
 def _guarded(base: type) -> type:
     class GuardedPacket(base):  # type: ignore[misc]
-        """The server's packet class; decoding failures raise :class:`MalformedPacket`."""
+        """The server's packet class; decoding failures raise :class:`MalformedPacket`,
+        an event of the wrong shape :class:`MalformedEvent` (a binary one once its
+        attachments are in)."""
 
         def decode(self, encoded_packet: Any) -> Any:
             try:
-                return base.decode(self, encoded_packet)  # type: ignore[attr-defined]
+                count = base.decode(self, encoded_packet)  # type: ignore[attr-defined]
             except Exception as exc:
                 raise MalformedPacket(_kind(exc, encoded_packet)) from None
+            if self.packet_type == sio_packet.EVENT:
+                data = self.data
+                if not (type(data) is list and data and type(data[0]) is str):
+                    _check_event(self)
+            return count
 
         def add_attachment(self, attachment: Any) -> Any:
             try:
-                return super().add_attachment(attachment)
+                complete = super().add_attachment(attachment)
             except Exception as exc:
                 raise MalformedPacket("bad binary attachment") from exc
+            if complete and self.packet_type == sio_packet.BINARY_EVENT:
+                _check_event(self)
+            return complete
 
     GuardedPacket.__name__ = GuardedPacket.__qualname__ = f"Guarded{base.__name__}"
     return GuardedPacket
@@ -113,17 +136,27 @@ def _event_problem(data: Any) -> str | None:
     return None
 
 
+def _check_event(packet: Any) -> None:
+    """Raise :class:`MalformedEvent` for an event packet of the wrong shape."""
+    problem = _event_problem(packet.data)
+    if problem is not None:
+        raise MalformedEvent(problem, packet.namespace, packet.id)
+
+
 def install(server: Any) -> None:
     """Guard a python-socketio ``Server`` against malformed packets; once per server."""
     if server is None or getattr(server, _ATTR, False):
         return
     server.packet_class = _guarded(server.packet_class)
     handle_message = server._handle_eio_message
-    handle_event = server._handle_event
 
     def guarded_message(eio_sid: str, data: Any) -> Any:
         try:
             return handle_message(eio_sid, data)
+        except MalformedEvent as exc:
+            server._binary_packet.pop(eio_sid, None)
+            _log(exc.kind, eio_sid)
+            _refuse(server, eio_sid, exc)
         except MalformedPacket as exc:
             server._binary_packet.pop(eio_sid, None)  # a broken attachment ends its packet
             _log(exc.kind, eio_sid)
@@ -134,25 +167,20 @@ def install(server: Any) -> None:
             _log(kind, eio_sid)
         return None
 
-    def guarded_event(eio_sid: str, namespace: str | None, id: Any, data: Any) -> Any:
-        if type(data) is list and data and type(data[0]) is str:  # _event_problem() is None
-            return handle_event(eio_sid, namespace, id, data)
-        problem = _event_problem(data)
-        if problem is None:  # a list or str subclass
-            return handle_event(eio_sid, namespace, id, data)
-        _log(problem, eio_sid)
-        namespace = namespace or "/"
-        sid = server.manager.sid_from_eio_sid(eio_sid, namespace)
-        if id is not None and sid is not None and server.manager.is_connected(sid, namespace):
-            ack = error_payload(InvalidRequestError(f"malformed event: {problem}"), expose=False)
-            server._send_packet(
-                eio_sid,
-                server.packet_class(sio_packet.ACK, namespace=namespace, id=id, data=[ack]),
-            )
-        return None
-
     server._handle_eio_message = guarded_message
-    server._handle_event = guarded_event  # called as self._handle_event: found here
     # Engine.IO calls the handler it was given at start: give it this one instead
     server.eio.on("message", guarded_message)
     setattr(server, _ATTR, True)
+
+
+def _refuse(server: Any, eio_sid: str, exc: MalformedEvent) -> None:
+    """Ack a malformed event ``invalid_request``, if its client asked for an ack and is
+    connected to its namespace."""
+    namespace = exc.namespace or "/"
+    sid = server.manager.sid_from_eio_sid(eio_sid, namespace)
+    if exc.id is not None and sid is not None and server.manager.is_connected(sid, namespace):
+        ack = error_payload(InvalidRequestError(f"malformed event: {exc.kind}"), expose=False)
+        server._send_packet(
+            eio_sid,
+            server.packet_class(sio_packet.ACK, namespace=namespace, id=exc.id, data=[ack]),
+        )

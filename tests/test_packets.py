@@ -97,6 +97,15 @@ def test_malformed_packets_are_dropped_or_acked_invalid_request(
             # the connection goes on: a good event after the bad ones is handled
             client.send(f'42/ops,7["quick","good{round_}"]')
             assert client.ack(7) == {"ok": True, "key": f"good{round_}"}
+        # a binary event whose name is not a string: judged once its attachment is in
+        client.send('451-/ops,10[123,{"_placeholder":true,"num":0}]')
+        client.send(b"attached")
+        ack = client.ack(10)
+        assert ack["error"] == "invalid_request" and "event name not a string" in ack["message"]
+        # without an ack id a malformed event is only dropped; the next one is answered
+        client.send("42/ops,[456]")
+        client.send('42/ops,11["quick","after-no-id"]')
+        assert client.recv_matching(rf"43{NS},\d+\[").startswith(f"43{NS},11[")
         # a binary attachment that does not fit its placeholder
         client.send('451-/ops,8["quick",{"_placeholder":true,"num":5}]')
         client.send(b"some bytes")
@@ -105,7 +114,7 @@ def test_malformed_packets_are_dropped_or_acked_invalid_request(
     finally:
         client.close()
 
-    assert stored(server) == {"good0", "good1", "after-binary"}
+    assert stored(server) == {"good0", "good1", "after-no-id", "after-binary"}
     server.wait_checked_out(0)
     log = server.log()
     assert "Traceback" not in log, log[-6000:]
