@@ -210,7 +210,7 @@ class Scope(ScopeState):
                         _rollback(session)
             finally:
                 self._deactivate()
-                self.source.close(self.token)
+                self.source.close(self.token, self.used)
         finally:
             if self._ctx is not None:
                 self._ctx.pop()
