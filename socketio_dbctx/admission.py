@@ -176,7 +176,11 @@ class Admission:
         """
         process = self.process
         per_client = self.per_client
-        with process.lock:
+        # acquire()/release() rather than ``with``, here and in leave(): ``with`` makes
+        # two bound methods each time, and these run for every event
+        lock = process.lock
+        lock.acquire()
+        try:
             if process.draining:
                 raise _draining()
             if (
@@ -191,6 +195,8 @@ class Admission:
             waiter = _Waiter(self, sid, process.make_event())
             process.queue(waiter)
             process.settle()
+        finally:
+            lock.release()
         return waiter
 
     def admitted(self, waiter: _Waiter) -> None:
@@ -217,7 +223,9 @@ class Admission:
     def leave(self, sid: str | None) -> None:
         """Give back the slot of an event of ``sid`` that ran."""
         process = self.process
-        with process.lock:
+        lock = process.lock
+        lock.acquire()
+        try:
             process.running -= 1
             if self.per_client and sid is not None:
                 left = self._clients[sid] - 1
@@ -229,6 +237,8 @@ class Admission:
                 process.settle()
             elif process.draining and not process.running and process._idle is not None:
                 process._idle.set()
+        finally:
+            lock.release()
 
     def run(self, sid: str | None, call: Callable[..., Any], *args: Any) -> Any:
         """Run ``call(*args)`` once admitted; raise :class:`BusyError` after the timeout."""

@@ -260,18 +260,18 @@ open_scope = Scope
 
 
 def commit(scope: Scope) -> None:
-    """Flush, then commit the scope's session.
+    """Commit the scope's session.
 
-    Flushing first makes statement errors (constraint violations, serialization
-    failures) happen before the COMMIT round trip, so a failure during the COMMIT
-    itself is known to be one whose outcome is uncertain.
+    Its ``before_commit`` listener (:mod:`socketio_dbctx.transactions`) flushes first,
+    so statement errors (constraint violations, serialization failures) happen before
+    the COMMIT round trip and a failure during the COMMIT itself is known to be one
+    whose outcome is uncertain; then it marks the commit phase.
     """
     if not scope.used:  # no transaction ever began: nothing to commit, no session to ask
         return
     session = scope.active_session()
     if session is not None and session.in_transaction():
-        session.flush()
-        session.commit()  # the before_commit listener marks the commit phase
+        session.commit()
 
 
 def release(held: list[Callable[[], Any]] | None, failed: Callable[[], Any] | None) -> None:

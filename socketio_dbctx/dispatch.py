@@ -90,12 +90,13 @@ class RuntimeCache:
         self.extra = tuple(extra)
         self.key = key
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
-        # the last app's runtime: a WeakKeyDictionary lookup makes a weakref each time
-        self._last: tuple[Callable[[], Any], Runtime | None] = (lambda: None, None)
+        #: the last app (a weak reference) and its runtime: a WeakKeyDictionary lookup
+        #: makes a weakref each time
+        self.last: tuple[Callable[[], Any], Runtime | None] = (lambda: None, None)
 
     def get(self, app: Flask, socketio: Any) -> Runtime:
         """The runtime of ``app``, built by the first event."""
-        last_app, runtime = self._last
+        last_app, runtime = self.last
         if runtime is not None and last_app() is app:
             return runtime
         runtime = self._runtimes.get(app)
@@ -104,7 +105,7 @@ class RuntimeCache:
                 runtime = self._runtimes.get(app)
                 if runtime is None:
                     runtime = self._runtimes[app] = self._build(app, socketio)
-        self._last = (weakref.ref(app), runtime)
+        self.last = (weakref.ref(app), runtime)
         return runtime
 
     def _build(self, app: Flask, socketio: Any) -> Runtime:
@@ -178,7 +179,9 @@ def run_event(
     """
     try:
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-        runtime = runtimes.get(app, socketio)
+        last_app, runtime = runtimes.last  # runtimes.get(app, socketio), its fast path
+        if runtime is None or last_app() is not app:
+            runtime = runtimes.get(app, socketio)
         spec = _SPECS.get(getattr(handler, "__func__", handler)) or spec_of(handler)
         if name in LIFECYCLE and payload and not spec.accepts(len(payload)):
             # connect gets (auth,), disconnect (reason,): pass them only when accepted

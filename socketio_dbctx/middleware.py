@@ -117,16 +117,22 @@ def admission(limits: Admission) -> Wrap:
 
     def wrap(rest: Step) -> Step:
         def step(event: Event) -> Any:
+            # limits.run(sid, rest, event), spelled out: one frame less per event, and
+            # the clock read only for an event that waits
             sid = event.sid
-            start = time.perf_counter()
-            try:  # limits.run(sid, rest, event), spelled out: one frame less per event
+            try:
                 waiter = limits.enter(sid)
-                if waiter is not None:
+            except BusyError:  # refused at once (a drain)
+                count_refused(event, time.perf_counter())
+                raise
+            if waiter is not None:
+                start = time.perf_counter()
+                try:
                     waiter.event.wait(limits.timeout)
                     limits.admitted(waiter)
-            except BusyError:
-                count_refused(event, start)
-                raise
+                except BusyError:
+                    count_refused(event, start)
+                    raise
             try:
                 return rest(event)
             finally:

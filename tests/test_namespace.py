@@ -195,6 +195,46 @@ def test_fresh_session_per_event_inside_outer_app_context(
     assert checked_out(db, app) == 0
 
 
+@pytest.mark.parametrize("outer_context", [False, True], ids=["no_outer", "outer_context"])
+def test_a_session_made_but_never_used_is_removed_after_the_event(
+    app, db, socketio, dbctx, outer_context
+):
+    """A session that never began a transaction is left to Flask-SQLAlchemy's teardown
+    of the event's app context: it is gone from the registry all the same, and a
+    session that did begin one is closed before the ack."""
+    made: list[Any] = []
+
+    class Probe(DBContextNamespace):
+        def on_touch(self):
+            session = db.session()  # made, no transaction begun
+            made.append(session)
+            return session.in_transaction()
+
+        def on_read(self):
+            db.session.execute(sa.text("SELECT 1"))
+            made.append(db.session())
+            return True
+
+    def run() -> None:
+        client = connect(socketio, app, Probe)
+        assert call(client, "touch") is False
+        assert call(client, "read") is True
+        # the read's session was closed: its transaction ended, its connection is back
+        assert not made[-1].in_transaction()
+        assert checked_out(db, app) == 0
+
+    if outer_context:
+        with app.app_context():
+            outer = db.session()
+            run()
+            # the outer context's own session is untouched, and is not the events' one
+            assert db.session() is outer and outer not in made
+    else:
+        run()
+        assert not db.session.registry.registry
+    assert len(made) == 2 and made[0] is not made[1]
+
+
 # -- error() hook ------------------------------------------------------------------------
 
 
