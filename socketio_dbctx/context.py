@@ -169,7 +169,6 @@ class Scope(ScopeState):
         self,
         app: Flask,
         source: SessionSource,
-        *,
         event: Event | None = None,
         label: str | None = None,
         fresh_context: bool = False,

@@ -201,20 +201,20 @@ def transaction(rest: Step) -> Step:
         fresh = event.fresh_context and event.attempt == 1
         settings = event.settings
         options = event.options
-        scope = open_scope(
+        scope = open_scope(  # positional: keywords cost more, and this runs per event
             event.app,
             event.state.source,
-            event=event,
-            label=event.key,
-            fresh_context=fresh,
-            defer=settings.defer_emits,
-            timeout=statement_timeout_of(event) if options else settings.statement_timeout,
+            event,
+            event.key,
+            fresh,
+            settings.defer_emits,
+            statement_timeout_of(event) if options else settings.statement_timeout,
         )
         result: Any = _NOTHING
         try:
             with scope:
                 result = rest(event)
-                if settings.commit_on_success:
+                if scope.used and settings.commit_on_success:  # commit() of a used one
                     commit(scope)
                 held = scope.take_held() if scope.held else None
         except Exception as exc:

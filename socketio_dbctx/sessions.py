@@ -102,11 +102,12 @@ class FlaskSQLAlchemySource(SessionSource):
         return token() if token.registry.has() else None
 
     def close(self, token: Any, used: bool) -> None:
-        # An unused session holds nothing, and the teardown of the scope's app context
-        # (Flask-SQLAlchemy's, when the context pops just after) removes it: skipping it
-        # here saves most events that never touch the database four calls.
+        # Closed here, so its connection is back before the held emits and the ack;
+        # removed by Flask-SQLAlchemy's teardown of the scope's app context, which pops
+        # just after (removing it here too would make that teardown's own removal fail
+        # and catch a KeyError). An unused session holds nothing: left to the teardown.
         if used:
-            token.remove()
+            token.registry().close()
 
     def follow_transactions(self) -> None:
         follow_transactions(self._resolve(current_app).session)
