@@ -16,6 +16,13 @@ one could not run while a driver blocks the hub), shuts down the socket of a
 connection that waited :data:`GRACE` seconds past the bound. The driver's blocked read
 then fails at once, and SQLAlchemy discards the connection as disconnected. SQLite is
 interrupted at the bound itself (``sqlite3.Connection.interrupt()``).
+
+The watchdog's thread takes no lock and never logs: under eventlet and gevent the
+``logging`` module's locks are green, and one taken from an OS thread while a
+greenlet holds it is never handed back (eventlet: ``greenlet.error: Cannot switch to
+a different thread``), which stops every later log call, and so every event, of the
+process. It notes what it did; the next :meth:`Watchdog.register` or
+:meth:`~Watchdog.unregister`, in the cut event's own thread or greenlet, logs it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from contextvars import ContextVar
 from typing import Any, Callable
 
@@ -155,17 +163,28 @@ def _fileno(dbapi_connection: Any) -> int | None:
     return sock.fileno() if sock is not None else None
 
 
-def cut(watch: Watch) -> None:
-    """End ``watch``'s wait now: interrupt SQLite, shut the socket of anything else."""
+#: What the watchdog's thread has to say: ``(level, message, args, exc_info)``.
+Note = tuple[int, str, tuple[Any, ...], Any]
+
+
+def cut(watch: Watch) -> Note | None:
+    """End ``watch``'s wait now: interrupt SQLite, shut the socket of anything else.
+
+    :returns: what to log about it (the caller logs it: see the module's docstring).
+    """
     connection, watch.since = watch.connection, None
     watch.cut = True
     if watch.interrupt:
         connection.interrupt()
-        return
+        return None
     fd = _fileno(connection)
     if fd is None or fd < 0:
-        logger.warning("cannot cut a hung %s: no socket found", type(connection).__name__)
-        return
+        return (
+            logging.WARNING,
+            "cannot cut a hung %s: no socket found",
+            (type(connection).__name__,),
+            None,
+        )
     # a socket object on a copy of the descriptor: shutdown() acts on the socket both
     # share, close() only on the copy. _socket: the unpatched one in green modes.
     sock = _socket.socket(fileno=os.dup(fd))
@@ -175,7 +194,12 @@ def cut(watch: Watch) -> None:
         pass
     finally:
         sock.close()
-    logger.warning("cut a database connection that gave no answer for %.1fs", watch.limit)
+    return (
+        logging.WARNING,
+        "cut a database connection that gave no answer for %.1fs",
+        (watch.limit,),
+        None,
+    )
 
 
 def _os_primitives() -> tuple[Callable[..., Any], Callable[[float], None]]:
@@ -206,10 +230,12 @@ class Watchdog:
     with the first registration (again after a fork)."""
 
     def __init__(self) -> None:
-        # dict operations are atomic under the GIL: no lock, which would be green
-        # (and so unusable from the OS thread) in green modes
+        # dict and deque operations are atomic under the GIL: no lock, which would be
+        # green (and so unusable from the OS thread) in green modes
         self._watches: dict[int, Watch] = {}
         self._pid: int | None = None
+        #: notes of the thread, logged by the next register() or unregister()
+        self._notes: deque[Note] = deque()
 
     def register(self, watch: Watch) -> None:
         self._watches[id(watch)] = watch
@@ -217,9 +243,22 @@ class Watchdog:
             self._pid = os.getpid()
             start, sleep = _os_primitives()
             start(self._loop, (sleep,))
+        if self._notes:
+            self.log_notes()
 
     def unregister(self, watch: Watch) -> None:
         self._watches.pop(id(watch), None)
+        if self._notes:
+            self.log_notes()
+
+    def log_notes(self) -> None:
+        """Log what the thread noted, from the caller's thread or greenlet."""
+        while True:
+            try:
+                level, message, args, exc_info = self._notes.popleft()
+            except IndexError:
+                return
+            logger.log(level, message, *args, exc_info=exc_info)
 
     def _loop(self, sleep: Callable[[float], None]) -> None:
         pid = os.getpid()
@@ -229,9 +268,16 @@ class Watchdog:
             for watch in list(self._watches.values()):
                 if watch.overdue(now):
                     try:
-                        cut(watch)
+                        note = cut(watch)
                     except Exception:
-                        logger.exception("the statement watchdog could not cut a connection")
+                        note = (
+                            logging.ERROR,
+                            "the statement watchdog could not cut a connection",
+                            (),
+                            sys.exc_info(),
+                        )
+                    if note is not None:
+                        self._notes.append(note)
 
 
 #: The one watchdog of this process.

@@ -5,6 +5,7 @@ the wiring (``test_statement_timeouts``, ``test_outcomes``, ``test_idempotency``
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from socketio_dbctx.idempotency import MAX_KEY_LENGTH, TABLE_NAME, KeyStore, pur
 from socketio_dbctx.outcomes import resolve
 from socketio_dbctx.retry import rerun_is_safe, should_retry
 from socketio_dbctx.settle import statement_timeout_of
-from socketio_dbctx.timeouts import GRACE, Watch, cut
+from socketio_dbctx.timeouts import GRACE, Watch, Watchdog, cut
 from socketio_dbctx.transactions import _is_select_text
 
 # -- reading the key --------------------------------------------------------------
@@ -104,11 +105,12 @@ def test_cutting_a_connection_ends_a_blocked_read_at_once() -> None:
     reader.start()
     watch = Watch(0.0)
     watch.start(SimpleNamespace(fileno=ours.fileno))
-    cut(watch)
+    note = cut(watch)
     reader.join(5)
     try:
         assert not reader.is_alive() and got == [b""]
         assert watch.cut and watch.since is None
+        assert note is not None and note[0] == logging.WARNING and "cut a database" in note[1]
     finally:
         ours.close()
         theirs.close()
@@ -118,8 +120,47 @@ def test_cutting_sqlite_interrupts_it() -> None:
     calls: list[str] = []
     watch = Watch(1.0, interrupt=True)
     watch.start(SimpleNamespace(interrupt=lambda: calls.append("interrupt")))
-    cut(watch)
+    assert cut(watch) is None
     assert calls == ["interrupt"] and watch.cut
+
+
+def test_the_watchdog_thread_never_logs_its_notes_are_logged_by_the_scope(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under eventlet and gevent the logging locks are green: the watchdog's OS thread
+    must not take them. What it did is logged by the next register() or unregister(),
+    in the caller's thread."""
+    ours, theirs = socket.socketpair()  # the peer never answers
+    watchdog = Watchdog()
+    hung = Watch(0.0, grace=0.0)  # overdue at once
+    hung.start(SimpleNamespace(fileno=ours.fileno))
+    broken = Watch(0.0, grace=0.0)
+    broken.start(SimpleNamespace(fileno=lambda: 1 / 0))  # no socket to find
+    failing = Watch(0.0, grace=0.0)
+    failing.start(SimpleNamespace(fileno=lambda: 999_999))  # os.dup() raises EBADF
+    caplog.set_level(logging.WARNING, logger="socketio_dbctx.timeouts")
+    try:
+        for watch in (hung, broken, failing):
+            watchdog.register(watch)
+        deadline = time.monotonic() + 5
+        while not (hung.cut and broken.cut and failing.cut) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hung.cut and broken.cut and failing.cut
+        time.sleep(0.3)  # a thread that logged would have done so by now
+        assert caplog.records == []
+        watchdog.unregister(hung)
+        seen = [(r.levelno, r.getMessage(), r.thread) for r in caplog.records]
+        me = threading.get_ident()
+        assert seen == [
+            (logging.WARNING, "cut a database connection that gave no answer for 0.0s", me),
+            (logging.WARNING, "cannot cut a hung SimpleNamespace: no socket found", me),
+            (logging.ERROR, "the statement watchdog could not cut a connection", me),
+        ]
+        assert caplog.records[2].exc_info is not None  # with the traceback
+    finally:
+        watchdog._pid = None  # ends the thread's loop
+        ours.close()
+        theirs.close()
 
 
 # -- claiming and storing keys (SQLite) ------------------------------------------------
