@@ -23,7 +23,12 @@ other callgrind files and not counted.
 ``PYTHONHASHSEED=0`` in the children: hash randomisation alone moves a count by up to
 20%; with it fixed, two runs agree to about 0.1%. After warm-up the child runs
 ``gc.collect(); gc.freeze()``, so a collection during the measured events scans only
-what those events left behind, not the heap of imported modules.
+what those events left behind, not the heap of imported modules. The child also sets
+``sys.setswitchinterval(3600)``: background threads (engineio's service task, the leak
+watchdog) wake on timers, and under valgrind, 50 times slower, each wake-up forces the
+main thread to hand over the GIL; those hand-offs scale with wall time, so other load on
+the machine moved a count by 6% in one run before. Now they happen only where the main thread
+releases the GIL anyway (SQLite calls), and two runs agree whatever else runs.
 
 Run from the repository root (needs ``valgrind``)::
 
@@ -59,6 +64,8 @@ NAMESPACE = "/bench"
 EVENT = "bench"
 SIDES = ("plain", "dbctx")
 CHILD_TIMEOUT = 1800.0
+#: ``sys.setswitchinterval()`` in a child: far longer than a run.
+SWITCH_INTERVAL = 3600.0
 
 
 # -- handlers -----------------------------------------------------------------------------
@@ -165,6 +172,8 @@ def child(side: str, handler: str, events: int, warmup: int) -> dict[str, Any]:
     func = handlers.plain if side == "plain" else handlers.dbctx
     with tempfile.TemporaryDirectory(prefix="dbctx-instr-") as tmp:
         app, client = build(side, func, f"sqlite:///{tmp}/instructions.db")
+        # No forced GIL hand-offs to background threads (see the module's docstring)
+        sys.setswitchinterval(SWITCH_INTERVAL)
         emit = client.emit
         ack = emit(EVENT, namespace=NAMESPACE, callback=True)
         for _ in range(warmup):
