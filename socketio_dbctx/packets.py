@@ -18,6 +18,7 @@ line is logged per kind of problem (then summaries, as for failed events: see
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -144,28 +145,49 @@ def _check_event(packet: Any) -> None:
 
 
 def install(server: Any) -> None:
-    """Guard a python-socketio ``Server`` against malformed packets; once per server."""
+    """Guard a python-socketio ``Server`` or ``AsyncServer`` against malformed packets;
+    once per server."""
     if server is None or getattr(server, _ATTR, False):
         return
     server.packet_class = _guarded(server.packet_class)
     handle_message = server._handle_eio_message
 
-    def guarded_message(eio_sid: str, data: Any) -> Any:
-        try:
-            return handle_message(eio_sid, data)
-        except MalformedEvent as exc:
-            server._binary_packet.pop(eio_sid, None)
-            _log(exc.kind, eio_sid)
-            _refuse(server, eio_sid, exc)
-        except MalformedPacket as exc:
+    def refused(eio_sid: str, exc: Exception) -> MalformedEvent | None:
+        """Log a refused packet; the malformed event to answer, if any. Re-raises what
+        is not a malformed packet."""
+        if isinstance(exc, MalformedPacket):
             server._binary_packet.pop(eio_sid, None)  # a broken attachment ends its packet
             _log(exc.kind, eio_sid)
-        except ValueError as exc:
-            kind = _REFUSALS.get(str(exc))
-            if kind is None:
-                raise
-            _log(kind, eio_sid)
+            return exc if isinstance(exc, MalformedEvent) else None
+        kind = _REFUSALS.get(str(exc)) if isinstance(exc, ValueError) else None
+        if kind is None:
+            raise exc
+        _log(kind, eio_sid)
         return None
+
+    if inspect.iscoroutinefunction(handle_message):
+
+        async def guarded_message(eio_sid: str, data: Any) -> Any:
+            try:
+                return await handle_message(eio_sid, data)
+            except (MalformedPacket, ValueError) as exc:
+                event = refused(eio_sid, exc)
+                ack = _refusal(server, eio_sid, event) if event is not None else None
+                if ack is not None:
+                    await server._send_packet(eio_sid, ack)
+            return None
+
+    else:
+
+        def guarded_message(eio_sid: str, data: Any) -> Any:  # type: ignore[misc]
+            try:
+                return handle_message(eio_sid, data)
+            except (MalformedPacket, ValueError) as exc:
+                event = refused(eio_sid, exc)
+                ack = _refusal(server, eio_sid, event) if event is not None else None
+                if ack is not None:
+                    server._send_packet(eio_sid, ack)
+            return None
 
     server._handle_eio_message = guarded_message
     # Engine.IO calls the handler it was given at start: give it this one instead
@@ -173,14 +195,12 @@ def install(server: Any) -> None:
     setattr(server, _ATTR, True)
 
 
-def _refuse(server: Any, eio_sid: str, exc: MalformedEvent) -> None:
-    """Ack a malformed event ``invalid_request``, if its client asked for an ack and is
-    connected to its namespace."""
+def _refusal(server: Any, eio_sid: str, exc: MalformedEvent) -> Any:
+    """The ``invalid_request`` ack packet of a malformed event, if its client asked for
+    an ack and is connected to its namespace; else None."""
     namespace = exc.namespace or "/"
     sid = server.manager.sid_from_eio_sid(eio_sid, namespace)
-    if exc.id is not None and sid is not None and server.manager.is_connected(sid, namespace):
-        ack = error_payload(InvalidRequestError(f"malformed event: {exc.kind}"), expose=False)
-        server._send_packet(
-            eio_sid,
-            server.packet_class(sio_packet.ACK, namespace=namespace, id=exc.id, data=[ack]),
-        )
+    if exc.id is None or sid is None or not server.manager.is_connected(sid, namespace):
+        return None
+    ack = error_payload(InvalidRequestError(f"malformed event: {exc.kind}"), expose=False)
+    return server.packet_class(sio_packet.ACK, namespace=namespace, id=exc.id, data=[ack])

@@ -11,6 +11,8 @@ module (``tests/servers/faults.py``, ``db_faults.py``, ``across.py``,
   whose servers stop before its clients disconnect.
 * :class:`InProcess`: the same ``call`` for Flask-SocketIO test clients (semantics
   tests, no server process).
+* :class:`RawClient` and :func:`malformed_frames`: Socket.IO frames sent as they are,
+  over a raw WebSocket (malformed packets).
 
 The fixtures these tests share (``db_check``, ``pg_proxy``, ``mysql_proxy``) are in
 ``tests/conftest.py``.
@@ -26,8 +28,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
+import pytest
 import socketio
 import sqlalchemy as sa
+import websocket
 from conftest import ServerProcess
 from tcp_proxy import TcpProxy
 
@@ -221,3 +225,68 @@ def proxied(url: str, proxy: TcpProxy) -> str:
     if parsed.get_backend_name() == "postgresql":
         parsed = parsed.update_query_dict({"sslmode": "disable"})
     return parsed.render_as_string(hide_password=False)
+
+
+# -- raw frames ---------------------------------------------------------------------------
+
+#: a JSON array nested deeper than any decoder allows
+DEEP = "[" * 10_000 + "]" * 10_000
+
+Frames = list[tuple[Any, str]]
+
+
+def malformed_frames(namespace: str) -> tuple[Frames, Frames]:
+    """``(acked, dropped)``: raw frames to ``namespace``, each with what is wrong with it.
+    The acked ones are events of the wrong shape with ack ids 1-3 (answered
+    ``invalid_request``); the dropped ones cannot be decoded (ids 4-6, never answered)."""
+    ns = namespace
+    acked: Frames = [
+        (f"42{ns},1[123,{{}}]", "event name not a string"),
+        (f'42{ns},2{{"quick":"x"}}', "event payload not a list"),
+        (f"42{ns},3[]", "event without a name"),
+    ]
+    dropped: Frames = [
+        (f'42{ns},4["quick",{DEEP}]', "nesting too deep"),
+        (f'42{ns},5["quick",' + "9" * 101 + "]", "integer too large"),
+        (b"\x01\x02\x03 not a packet", "binary data where a packet was expected"),
+        (f'42{ns},6["quick","unterminated', "undecodable packet"),
+        ("49", "unknown packet type"),
+    ]
+    return acked, dropped
+
+
+class RawClient:
+    """A Socket.IO client speaking Engine.IO v4 over a raw WebSocket, connected to one
+    namespace of the server at ``url``."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.namespace = namespace
+        ws_url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+        self.ws = websocket.create_connection(ws_url, timeout=10)
+        assert self.ws.recv().startswith("0{")
+        self.ws.send(f"40{namespace},")
+        assert self.recv_matching(rf"40{namespace},\{{").startswith(f"40{namespace},")
+
+    def send(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            self.ws.send_binary(frame)
+        else:
+            self.ws.send(frame)
+
+    def recv_matching(self, pattern: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.ws.recv()
+            if message == "2":  # Engine.IO ping
+                self.ws.send("3")
+                continue
+            if re.match(pattern, message):
+                return str(message)
+        pytest.fail(f"nothing matching {pattern!r} within {timeout}s")
+
+    def ack(self, id: int) -> Any:
+        message = self.recv_matching(rf"43{self.namespace},{id}\[")
+        return json.loads(message[len(f"43{self.namespace},{id}") :])[0]
+
+    def close(self) -> None:
+        self.ws.close()

@@ -7,8 +7,8 @@ dropped emits on error, safe error acks, the argument check, refused connects, f
 handlers, retries of a killed backend and of a serialization failure, 200 concurrent
 events never sharing a session, admission on a pool smaller than the load (no pool
 timeout), the statement timeout, the watchdog on a partitioned network, idempotency
-keys, ``session_scope`` in background and periodic tasks, leak reports, drain, and the
-pool dict, metrics and health in the Flask version's shapes.
+keys, ``session_scope`` in background and periodic tasks, leak reports, drain, malformed
+packets, and the pool dict, metrics and health in the Flask version's shapes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import socketio
 import sqlalchemy as sa
 from aiokit import UvicornServer, asyncpg_url, start_uvicorn
-from eventkit import new_token
+from eventkit import RawClient, malformed_frames, new_token
 
 pytestmark = pytest.mark.server
 
@@ -169,6 +169,40 @@ def test_a_failing_handler_rolls_back_drops_its_emits_and_acks_safely(
     metrics = server.state()["metrics"]
     assert metrics["/a:fail"]["errors"] == 1 and metrics["/a:write"]["count"] == 2
     server.wait_checked_out(0)
+
+
+def test_malformed_packets_are_dropped_or_acked_invalid_request(
+    aio_server: AioFactory, db_check: sa.Engine
+) -> None:
+    """The Flask version's packet guard on an ``AsyncServer``: events of the wrong shape
+    acked ``invalid_request``, undecodable packets dropped, one log line per kind and no
+    traceback, nothing run or stored, and the connection goes on working."""
+    server = aio_server()
+    acked, dropped = malformed_frames(NS)
+    client = RawClient(server.url, NS)
+    token = new_token()
+    try:
+        for frame, _ in acked:
+            client.send(frame)
+        for id in (1, 2, 3):
+            assert_error(client.ack(id), "invalid_request")
+        for frame, _ in dropped:
+            client.send(frame)
+        # a binary event whose name is not a string, judged once its attachment is in
+        client.send(f'451-{NS},7[123,{{"_placeholder":true,"num":0}}]')
+        client.send(b"attached")
+        assert_error(client.ack(7), "invalid_request")
+        client.send(f'42{NS},8["write","{token}"]')
+        assert client.ack(8)["token"] == token
+    finally:
+        client.close()
+    assert stored(db_check, token) == 1
+    server.wait_checked_out(0)
+    log = server.log()
+    assert "Traceback" not in log, log[-6000:]
+    for _, kind in [*acked, *dropped]:
+        lines = [line for line in log.splitlines() if "malformed packet" in line and kind in line]
+        assert len(lines) == 1, (kind, lines, log[-4000:])
 
 
 def test_refused_connect_and_function_handlers(

@@ -5,70 +5,16 @@ nothing held, and the connection goes on working."""
 
 from __future__ import annotations
 
-import json
-import re
-import time
-from typing import Any, Callable
+from typing import Callable
 
-import pytest
 import sqlalchemy as sa
-import websocket
 from conftest import ServerProcess
+from eventkit import RawClient, malformed_frames
 
 ServerFactory = Callable[..., ServerProcess]
 
 NS = "/ops"
-DEEP = "[" * 10_000 + "]" * 10_000
-
-#: (frame, what is wrong): events of the wrong shape, acked invalid_request
-ACKED = [
-    ("42/ops,1[123,{}]", "event name not a string"),
-    ('42/ops,2{"quick":"x"}', "event payload not a list"),
-    ("42/ops,3[]", "event without a name"),
-]
-#: (frame, what is wrong): packets that cannot be decoded, dropped
-DROPPED: list[tuple[str | bytes, str]] = [
-    (f'42/ops,4["quick",{DEEP}]', "nesting too deep"),
-    ('42/ops,5["quick",' + "9" * 101 + "]", "integer too large"),
-    (b"\x01\x02\x03 not a packet", "binary data where a packet was expected"),
-    ('42/ops,6["quick","unterminated', "undecodable packet"),
-    ("49", "unknown packet type"),
-]
-
-
-class RawClient:
-    """A Socket.IO client speaking Engine.IO v4 over a raw WebSocket."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        url = server.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
-        self.ws = websocket.create_connection(url, timeout=10)
-        assert self.ws.recv().startswith("0{")
-        self.ws.send(f"40{NS},")
-        assert self.recv_matching(rf"40{NS},\{{").startswith(f"40{NS},")
-
-    def send(self, frame: str | bytes) -> None:
-        if isinstance(frame, bytes):
-            self.ws.send_binary(frame)
-        else:
-            self.ws.send(frame)
-
-    def recv_matching(self, pattern: str, timeout: float = 10) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = self.ws.recv()
-            if message == "2":  # Engine.IO ping
-                self.ws.send("3")
-                continue
-            if re.match(pattern, message):
-                return str(message)
-        pytest.fail(f"nothing matching {pattern!r} within {timeout}s")
-
-    def ack(self, id: int) -> Any:
-        message = self.recv_matching(rf"43{NS},{id}\[")
-        return json.loads(message[len(f"43{NS},{id}") :])[0]
-
-    def close(self) -> None:
-        self.ws.close()
+ACKED, DROPPED = malformed_frames(NS)
 
 
 def stored(server: ServerProcess) -> set[str]:
@@ -84,7 +30,7 @@ def test_malformed_packets_are_dropped_or_acked_invalid_request(
     async_mode: str, server_factory: ServerFactory
 ) -> None:
     server = server_factory(async_mode, extra=["tests.servers.ops"])
-    client = RawClient(server)
+    client = RawClient(server.url, NS)
     try:
         for round_ in range(2):  # the second round logs nothing new
             for frame, _ in ACKED:

@@ -19,6 +19,7 @@ from ..decorators import KeyFunc
 from ..emits import install as install_emits
 from ..errors import ContextSetupError
 from ..idempotency import idempotency_table
+from ..packets import install as install_packet_guard
 from ..pipeline import Middleware
 from ..pool import pool_status, worst_status
 from ..shapes import EventSummary, HealthResult, PoolStatus
@@ -74,6 +75,7 @@ class AsyncDBContext:
         self._runtimes: dict[tuple[str, int], AsyncRuntime] = {}
         self._lock = threading.Lock()
         install_emits(sio)
+        install_packet_guard(sio)
         _CONTEXTS[sio] = self
         #: the ``/monitor`` namespace (and cluster view), when ``monitor_auth`` is set
         self.monitor = install_monitor(self)
