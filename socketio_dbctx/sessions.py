@@ -102,12 +102,12 @@ class FlaskSQLAlchemySource(SessionSource):
         return token() if token.registry.has() else None
 
     def close(self, token: Any, used: bool) -> None:
-        # Closed here, so its connection is back before the held emits and the ack;
-        # removed by Flask-SQLAlchemy's teardown of the scope's app context, which pops
-        # just after (removing it here too would make that teardown's own removal fail
-        # and catch a KeyError). An unused session holds nothing: left to the teardown.
+        # Closed and removed here, so its connection is back before the held emits and
+        # the ack (Flask-SQLAlchemy's teardown then finds nothing to remove; leaving the
+        # session to it costs a second close(), more than that teardown's caught
+        # KeyError). An unused session holds nothing: left to the teardown.
         if used:
-            token.registry().close()
+            token.remove()
 
     def follow_transactions(self) -> None:
         follow_transactions(self._resolve(current_app).session)
