@@ -17,10 +17,9 @@ from flask import Flask
 from sqlalchemy.orm import Session
 
 from .errors import ContextSetupError
-from .timeouts import WATCHDOG, Watch, current_watch
+from .timeouts import WATCHDOG, Watch, current_scope_var
 
 if TYPE_CHECKING:
-    from contextvars import Token
     from types import TracebackType
 
     from sqlalchemy.engine import Connection, Engine
@@ -53,7 +52,6 @@ class ScopeState:
 
     __slots__ = (
         "_var_token",
-        "_watch_token",
         "connections",
         "defer",
         "event",
@@ -95,24 +93,18 @@ class ScopeState:
         self.connections: tuple[Connection, ...] = ()
         #: (engine, transaction id) of each connection that wrote, asked before COMMIT
         self.txids: tuple[tuple[Engine, int], ...] = ()
-        self._watch_token: Token[Watch | None] | None = None
 
     def _activate(self) -> None:
-        """Make this the current scope (and its watch the current watch)."""
+        """Make this the current scope; a bounded one's watch goes to the watchdog."""
         self._var_token = _current.set(self)
         if self.timeout is not None:
             self.watch = Watch(self.timeout)
-            self._watch_token = current_watch.set(self.watch)
             WATCHDOG.register(self.watch)
-        elif current_watch.get() is not None:  # an unbounded scope inside a bounded one
-            self._watch_token = current_watch.set(None)
 
     def _deactivate(self) -> None:
         _current.reset(self._var_token)
-        if self._watch_token is not None:
-            current_watch.reset(self._watch_token)
-            if self.watch is not None:
-                WATCHDOG.unregister(self.watch)
+        if self.watch is not None:
+            WATCHDOG.unregister(self.watch)
 
     def hold(self, send: Callable[[], Any]) -> None:
         """Keep ``send`` until the scope has committed; dropped if it fails."""
@@ -224,7 +216,7 @@ class Scope(ScopeState):
         return self.source.active(self.token)
 
 
-_current: ContextVar[ScopeState | None] = ContextVar("socketio_dbctx_scope", default=None)
+_current: ContextVar[ScopeState | None] = current_scope_var
 
 
 def current_scope() -> ScopeState | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -38,7 +39,15 @@ LIFECYCLE = frozenset({"connect", "disconnect"})
 class Runtime:
     """One namespace's settings, admission and chains in one app."""
 
-    __slots__ = ("admission", "chain", "keyed_chain", "lifecycle_chain", "settings", "state")
+    __slots__ = (
+        "admission",
+        "chain",
+        "keyed_chain",
+        "lifecycle_chain",
+        "settings",
+        "sleep",
+        "state",
+    )
 
     def __init__(
         self,
@@ -48,10 +57,13 @@ class Runtime:
         extra: Sequence[Middleware],
         find_error: middleware.ErrorHandlerFinder,
         key: KeyFunc | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
         self.state = state
         self.settings = settings
         self.admission = admission
+        #: the async mode's sleep (one bound method, not one per event)
+        self.sleep = sleep
         inner: tuple[Wrap, ...] = (
             middleware.metrics,
             middleware.retry,
@@ -127,6 +139,7 @@ class RuntimeCache:
             self.extra,
             lambda event: find_error_handler(socketio, event),
             self.key,
+            socketio.sleep,
         )
 
 
@@ -198,7 +211,7 @@ def run_event(
             payload,
             handler,
             spec,
-            socketio.sleep,
+            runtime.sleep,
             fresh,
         )
         if name in LIFECYCLE:

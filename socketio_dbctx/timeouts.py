@@ -46,7 +46,7 @@ __all__ = [
     "Watch",
     "Watchdog",
     "bound_transaction",
-    "current_watch",
+    "current_scope_var",
     "reset_on_checkin",
     "watch_statements",
 ]
@@ -59,8 +59,11 @@ GRACE = 1.5
 #: How often the watchdog looks.
 TICK = 0.1
 
-#: The :class:`Watch` of the scope running in this thread, greenlet or task, if bounded.
-current_watch: ContextVar[Watch | None] = ContextVar("socketio_dbctx_watch", default=None)
+#: The scope running in this thread, greenlet or task, if any (what
+#: :func:`socketio_dbctx.context.current_scope` returns). It lives here, below the
+#: scopes, for the statement listeners: a bounded scope's ``watch`` is its
+#: :class:`Watch`, any other scope's is None.
+current_scope_var: ContextVar[Any] = ContextVar("socketio_dbctx_scope", default=None)
 
 _RESET_KEY = "socketio_dbctx_timeout_reset"
 
@@ -284,20 +287,25 @@ class Watchdog:
 WATCHDOG = Watchdog()
 
 
+def _current_watch() -> Watch | None:
+    scope = current_scope_var.get()
+    return None if scope is None else scope.watch
+
+
 def _before_execute(conn: Connection, *args: Any) -> None:
-    watch = current_watch.get()
+    watch = _current_watch()
     if watch is not None:
         watch.start(conn.connection.dbapi_connection)
 
 
 def _after_execute(conn: Connection, *args: Any) -> None:
-    watch = current_watch.get()
+    watch = _current_watch()
     if watch is not None:
         watch.stop()
 
 
 def _on_error(context: Any) -> None:
-    watch = current_watch.get()
+    watch = _current_watch()
     if watch is not None:
         watch.stop()
 
