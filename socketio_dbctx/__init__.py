@@ -29,7 +29,7 @@ The modules form layers; each imports only from its own layer or those below it
                     |         (a fresh app context and session per scope; held emits;
                     |          following its transactions: writes, COMMIT, timeouts)
     mechanisms  acks  admission  cluster  drivers  health  idempotency  leaks  metrics
-                outcomes  pool  retry  tasks  timeouts
+                outcomes  pool  retry  tasks  timeouts  watchdog
                     |         (one concern each, no Flask-SocketIO dispatch knowledge)
     base        config  decorators  errors  shapes  throttle  transient
                               (settings, exceptions, public shapes, pure classification)

@@ -17,7 +17,7 @@ from flask import Flask
 from sqlalchemy.orm import Session
 
 from .errors import ContextSetupError
-from .timeouts import WATCHDOG, Watch, current_scope_var
+from .watchdog import WATCHDOG, Watch, current_scope_var
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, Optional
 
 from sqlalchemy.engine import Connection, Engine
 
-from .timeouts import WATCHDOG, Watch
+from .watchdog import WATCHDOG, Watch
 
 __all__ = ["BUDGET", "Outcome", "resolve", "transaction_id"]
 

@@ -4,7 +4,7 @@ For the scope running in this thread, greenlet or task (see
 :func:`~socketio_dbctx.context.current_scope`), the listeners record:
 
 - that a transaction began (``used``), on which connections, and bound it with the
-  scope's statement timeout (:mod:`socketio_dbctx.timeouts`);
+  scope's statement timeout (:mod:`socketio_dbctx.timeouts`, :mod:`socketio_dbctx.watchdog`);
 - that it wrote (a flush, or a statement other than a SELECT);
 - the COMMIT: the pending flush first (its statements are not the COMMIT), then, for a
   PostgreSQL transaction that wrote, its transaction id (to resolve a COMMIT whose
@@ -23,7 +23,8 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from .context import current_scope
 from .outcomes import transaction_id
-from .timeouts import bound_transaction, watch_statements
+from .timeouts import bound_transaction
+from .watchdog import watch_statements
 
 __all__ = ["follow_commits", "follow_transactions"]
 

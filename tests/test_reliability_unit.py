@@ -21,8 +21,8 @@ from socketio_dbctx.idempotency import MAX_KEY_LENGTH, TABLE_NAME, KeyStore, pur
 from socketio_dbctx.outcomes import resolve
 from socketio_dbctx.retry import rerun_is_safe, should_retry
 from socketio_dbctx.settle import statement_timeout_of
-from socketio_dbctx.timeouts import GRACE, Watch, Watchdog, cut
 from socketio_dbctx.transactions import _is_select_text
+from socketio_dbctx.watchdog import GRACE, Watch, Watchdog, cut
 
 # -- reading the key --------------------------------------------------------------
 
@@ -138,7 +138,7 @@ def test_the_watchdog_thread_never_logs_its_notes_are_logged_by_the_scope(
     broken.start(SimpleNamespace(fileno=lambda: 1 / 0))  # no socket to find
     failing = Watch(0.0, grace=0.0)
     failing.start(SimpleNamespace(fileno=lambda: 999_999))  # os.dup() raises EBADF
-    caplog.set_level(logging.WARNING, logger="socketio_dbctx.timeouts")
+    caplog.set_level(logging.WARNING, logger="socketio_dbctx.watchdog")
     try:
         for watch in (hung, broken, failing):
             watchdog.register(watch)
