@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.server_launch import HTTP, server_command, wait_ready  # noqa: E402
+from tests.server_launch import HTTP, server_command, stop_process, wait_ready  # noqa: E402
 
 POSTGRES_URL = os.environ.get(
     "DBCTX_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -127,17 +127,6 @@ def package_versions(names: Sequence[str] = PACKAGES) -> str:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append(f"{name} {metadata.version(name)}")
     return ", ".join(found)
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Terminate ``proc``, then kill it if it does not end within ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 def environment(async_mode: str) -> str:

@@ -17,6 +17,7 @@ write.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -119,6 +120,25 @@ class ClusterRules:
                 found[str(payload.get("worker"))] = payload
         return found
 
+    def redis_client(self, module: str, redis_url: str, without: str) -> Any:
+        """A ``Redis`` client of ``module`` (``"redis"`` or ``"redis.asyncio"``) for
+        ``redis_url``, its socket timeouts :attr:`redis_timeout`.
+
+        :param without: how to do without a cluster view, for the error message.
+        :raises ContextSetupError: when the redis package is not installed.
+        """
+        try:
+            client_module = importlib.import_module(module)
+        except ImportError as exc:
+            raise ContextSetupError(
+                "the cluster view needs the redis package: pip install 'socketio-dbctx[redis]', "
+                f"or {without}"
+            ) from exc
+        timeout = self.redis_timeout
+        return client_module.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
     def redis_failed(self, exc: BaseException) -> None:
         """Log the first failure of a run of them."""
         if not self._redis_down:
@@ -209,18 +229,11 @@ class ClusterView(ClusterRules):
         spawn: Callable[[Callable[[], None]], Any],
         sleep: Callable[[float], Any],
     ) -> None:
-        try:
-            import redis
-        except ImportError as exc:
-            raise ContextSetupError(
-                "the cluster view needs the redis package: pip install 'socketio-dbctx[redis]', "
-                "or leave DBCTX_CLUSTER_REDIS_URL unset and use no Redis message queue"
-            ) from exc
-
         super().__init__(worker, interval)
-        timeout = self.redis_timeout
-        self._redis = redis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        self._redis = self.redis_client(
+            "redis",
+            redis_url,
+            "leave DBCTX_CLUSTER_REDIS_URL unset and use no Redis message queue",
         )
         self._payload, self._push, self._engine = payload, push, engine
         self._sleep = sleep

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from conftest import free_port
-from server_launch import HTTP
+from server_launch import HTTP, stop_process
 
 __all__ = ["ROOT", "UvicornServer", "asyncpg_url", "start_uvicorn"]
 
@@ -52,13 +52,7 @@ class UvicornServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 def start_uvicorn(

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_socketio import SocketIO
 from flask_sqlalchemy import SQLAlchemy
-from server_launch import HTTP, server_command, wait_ready
+from server_launch import HTTP, server_command, stop_process, wait_ready
 from tcp_proxy import TcpProxy
 
 POSTGRES_URL = os.environ.get(
@@ -418,13 +418,7 @@ class ServerProcess:
         return last
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 5)
 
 
 @pytest.fixture(params=ASYNC_MODES)

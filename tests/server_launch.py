@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["HTTP", "server_command", "wait_ready"]
+__all__ = ["HTTP", "server_command", "stop_process", "wait_ready"]
 
 #: urllib without any proxy from the environment: the servers are on 127.0.0.1.
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -89,3 +89,18 @@ def wait_ready(proc: subprocess.Popen[Any], port: int, timeout: float) -> str | 
             pass
         time.sleep(0.1)
     return f"the server did not answer /_ready within {timeout}s"
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], timeout: float = 10.0, kill_timeout: float = 5.0
+) -> int | None:
+    """Terminate ``proc``; kill it if it has not ended within ``timeout`` seconds, then
+    wait up to ``kill_timeout`` more. Returns its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_timeout)
+    return proc.returncode

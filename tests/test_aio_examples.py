@@ -23,6 +23,7 @@ import pytest
 import socketio
 import sqlalchemy as sa
 from conftest import REPO_ROOT, free_port, wait_for
+from server_launch import stop_process
 
 pytestmark = pytest.mark.server
 
@@ -103,15 +104,8 @@ class App:
         client.connect(self.url, namespaces=["/chat"], transports=["websocket"], wait_timeout=10)
         return client
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+    def stop(self) -> int | None:
+        return stop_process(self.proc, 20)
 
 
 @pytest.fixture

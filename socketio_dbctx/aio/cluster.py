@@ -11,7 +11,6 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..cluster import ClusterRules
-from ..errors import ContextSetupError
 
 if TYPE_CHECKING:
     from ..shapes import ClusterPayload, MonitorPayload
@@ -43,18 +42,11 @@ class AsyncClusterView(ClusterRules):
         push: Callable[[ClusterPayload], Awaitable[Any]],
         max_connections: Callable[[], Awaitable[int | None]],
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError as exc:
-            raise ContextSetupError(
-                "the cluster view needs the redis package: pip install 'socketio-dbctx[redis]', "
-                "or leave cluster_redis_url unset and use no AsyncRedisManager"
-            ) from exc
-
         super().__init__(worker, interval)
-        timeout = self.redis_timeout
-        self._redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        self._redis = self.redis_client(
+            "redis.asyncio",
+            redis_url,
+            "leave cluster_redis_url unset and use no AsyncRedisManager",
         )
         self._payload, self._push, self._max_connections = payload, push, max_connections
         self._task: asyncio.Task[None] | None = None
